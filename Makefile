@@ -1,0 +1,27 @@
+# Quick start targets. `make run` and `make test` work on a fresh clone: they create .venv,
+# install the CPU build of torch first (a plain `torch` requirement would pull CUDA wheels), then the package.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR ?= checkpoints/random-phi3.5-vision
+
+.PHONY: setup run test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+run: setup
+	$(BIN)/phi3v demo --out $(DEMO_DIR)
+
+test: setup
+	$(BIN)/python -m pytest -n 2 --durations=15 tests
+
+clean:
+	rm -rf $(VENV) checkpoints
