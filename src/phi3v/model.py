@@ -210,12 +210,13 @@ class CausalLM(nn.Module):
         return allowed
 
     def forward(self, input_ids=None, *, pos=None, cache: KVCache | None = None, kv_len: int | None = None,
-                inputs_embeds=None, long_rope=None, last_only: bool = False, return_hidden: bool = False):
+                inputs_embeds=None, long_rope=None, logits_at=None, return_hidden: bool = False):
         """Logits (B, T, V) for tokens at positions pos (B, T).
 
         Without a cache the tokens attend to each other only (right padding is harmless: it comes later).
         With a cache, k/v are written at pos and the first kv_len cached entries are attended to.
         long_rope (B,) picks LongRoPE's long factors per row; default: max(pos) + 1 > original max.
+        logits_at (B,) computes the logits of one position per row only (B, 1, V).
         """
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
@@ -230,8 +231,8 @@ class CausalLM(nn.Module):
         cos, sin = self.rotary(pos, long_rope, dtype=x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, pos, cache, i, kv_len)
-        if last_only:
-            x = x[:, -1:]
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, C)
         h = self.model.norm(x)
         logits = self.lm_head(h)
         return (logits, h) if return_hidden else logits

@@ -1,0 +1,77 @@
+"""Composable batched sampling: logits processors and a sampler closure with an explicit torch.Generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .errors import InputError
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop. temperature 0 is greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (self.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise InputError(msg)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """As transformers: logits of tokens already seen are divided by the penalty if positive, else multiplied."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    kth = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability mass reaches p (at least one token)."""
+    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+    probs = sorted_logits.softmax(dim=-1)
+    drop = probs.cumsum(dim=-1) - probs >= p  # mass before this token already reaches p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+
+
+def make_sampler(params: SamplingParams, device="cpu") -> Callable[[torch.Tensor], torch.Tensor]:
+    """A closure (B, V) float logits -> (B,) token ids. Greedy at temperature 0; seeded by params.seed."""
+    if params.temperature == 0:
+        return lambda logits: logits.argmax(dim=-1)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float() / params.temperature
+        if params.top_k:
+            logits = top_k_filter(logits, params.top_k)
+        if params.top_p < 1.0:
+            logits = top_p_filter(logits, params.top_p)
+        probs = logits.softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+    return sample
