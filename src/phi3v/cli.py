@@ -1,0 +1,183 @@
+"""The `phi3v` command: generate, chat, create-random, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import Phi3VError
+
+RANDOM_NOTE = "note: {path} has RANDOM weights (made by `phi3v create-random`): its output is meaningless text.\n"
+DEFAULT_LIKE = "Phi-3.5-mini-instruct"
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, stop=args.stop or [], repetition_penalty=args.repetition_penalty)
+
+
+def _load(args):
+    from .api import load
+
+    model = load(args.model, dtype=args.dtype, device=args.device)
+    if model.is_random:
+        sys.stderr.write(RANDOM_NOTE.format(path=model.path))
+    return model
+
+
+def cmd_generate(args) -> None:
+    model = _load(args)
+    sampling = _sampling(args)
+    if args.json:
+        out = model.generate(args.prompt, system=args.system, raw=args.raw, **sampling)
+        print(json.dumps(out.to_dict(), ensure_ascii=False))
+        return
+    for delta in model.stream(args.prompt, system=args.system, raw=args.raw, **sampling):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args) -> None:
+    model = _load(args)
+    sampling = _sampling(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("phi3v chat: type a message; /reset starts over, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        sys.stdout.write("assistant> ")
+        reply = []
+        try:
+            for delta in model.stream(messages, **sampling):
+                reply.append(delta)
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        except Phi3VError as e:  # e.g. the conversation outgrew the context: say so, keep the session
+            messages.pop()
+            print(f"\nerror: {e}", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _reference_dir(name: str) -> Path:
+    """A reference config folder by name, looked up in ../shared/reference beside the repo (for a dev checkout)."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        for cand in (base / "shared" / "reference" / name, base.parent / "shared" / "reference" / name):
+            if cand.is_dir():
+                return cand
+    raise Phi3VError(f"cannot find the reference config {name!r}; pass --like with a config.json or model folder")
+
+
+def cmd_create_random(args) -> None:
+    from .random_checkpoint import create_random
+
+    like = Path(args.like) if Path(args.like).exists() else _reference_dir(args.like)
+    out = create_random(like, args.out, seed=args.seed, std=args.std, dtype=args.dtype, layers=args.layers,
+                        hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
+                        intermediate=args.intermediate, experts=args.experts, original_max=args.original_max,
+                        sliding_window=args.sliding_window)
+    print(f"wrote a RANDOM-weight checkpoint shaped like {like} to {out}")
+
+
+def cmd_demo(args) -> None:
+    """The Quick start job: make a small random checkpoint if needed and generate from it."""
+    from .random_checkpoint import create_random
+
+    out = Path(args.out)
+    if not (out / "config.json").is_file():
+        print(f"creating a small RANDOM-weight checkpoint in {out} (no model download is possible here)...",
+              file=sys.stderr)
+        create_random(_reference_dir(DEFAULT_LIKE), out, seed=0, std=0.1, layers=4, hidden=256, heads=8,
+                      intermediate=512)
+    args.model, args.dtype, args.device = str(out), "float32", "cpu"
+    model = _load(args)
+    prompt = args.prompt
+    print(f"user> {prompt}\nassistant> ", end="", flush=True)
+    for delta in model.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=0.0):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    print("\n(random weights: the answer above is noise; real checkpoints load the same way with --model DIR)")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder or a repo id in the local HF cache")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--system", default=None, help="system prompt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="phi3v", description="Run Microsoft's Phi-3 family locally.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="complete one prompt")
+    _add_model(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--json", action="store_true", help='print {"text", "token_ids", "prompt_tokens", "finish_reason"}')
+    _add_sampling(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat with streaming")
+    _add_model(p)
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("create-random", help="write a random-weight checkpoint in the real layout")
+    p.add_argument("--like", required=True, help="config.json or model folder (or a name in shared/reference)")
+    p.add_argument("--out", required=True)
+    for flag in ("layers", "hidden", "heads", "kv-heads", "intermediate", "experts", "original-max",
+                 "sliding-window"):
+        p.add_argument(f"--{flag}", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--std", type=float, default=0.02, help="std of the random weights")
+    p.add_argument("--dtype", default="bfloat16")
+    p.set_defaults(func=cmd_create_random)
+
+    p = sub.add_parser("demo", help="the Quick start: a random checkpoint and a first generation")
+    p.add_argument("--out", default="checkpoints/random-phi3.5-mini")
+    p.add_argument("--prompt", default="What can you tell me about this project?")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except Phi3VError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

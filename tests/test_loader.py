@@ -1,0 +1,157 @@
+"""Checkpoint loading: sharded and single files, dtypes, the HF cache, and one clear error per broken checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from phi3v.config import config_from_dict, load_config
+from phi3v.errors import CheckpointError
+from phi3v.loader import SafetensorsFile, load_causal_lm, read_state_dict, resolve_model_dir
+
+
+def copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_sharded_checkpoint_loads_same_as_single(tiny_phi3_sharded, tmp_path):
+    shards = sorted(tiny_phi3_sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tiny_phi3_sharded / "model.safetensors.index.json").is_file()
+    from safetensors.torch import load_file
+
+    expected = {}
+    for f in shards:
+        expected.update(load_file(f))
+    state = read_state_dict(tiny_phi3_sharded)
+    assert state.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(state[k], expected[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes(tiny_phi3, dtype, random_ids):
+    model = load_causal_lm(tiny_phi3, load_config(tiny_phi3), dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    ref = load_causal_lm(tiny_phi3, load_config(tiny_phi3), torch.float32)
+    with torch.no_grad():
+        a, b = model(random_ids[:1, :20]).float(), ref(random_ids[:1, :20])
+    tol = 0 if dtype == torch.float32 else 0.15 * b.abs().max().item()
+    assert (a - b).abs().max().item() <= tol
+
+
+def test_weights_in_their_own_dtype_are_not_copied(tiny_phi3):
+    """Loading in the checkpoint's dtype assigns the memory-mapped tensors themselves."""
+    from phi3v.loader import load_into
+    from phi3v.model import CausalLM
+
+    cfg = load_config(tiny_phi3)
+    state = read_state_dict(tiny_phi3)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    load_into(model, state, torch.bfloat16, tiny_phi3)
+    emb = model.model.embed_tokens.weight
+    assert emb.dtype == torch.bfloat16 and emb.data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+
+
+def test_missing_shard(tiny_phi3_sharded, tmp_path):
+    d = copy(tiny_phi3_sharded, tmp_path / "m")
+    victim = sorted(d.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"shard {victim.name} .* is missing"):
+        load_causal_lm(d, load_config(d))
+
+
+def test_truncated_file(tiny_phi3, tmp_path):
+    d = copy(tiny_phi3, tmp_path / "m")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is truncated"):
+        load_causal_lm(d, load_config(d))
+
+
+def test_not_a_safetensors_file(tiny_phi3, tmp_path):
+    d = copy(tiny_phi3, tmp_path / "m")
+    (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        load_causal_lm(d, load_config(d))
+
+
+def test_wrong_shape(tiny_phi3, tmp_path):
+    d = copy(tiny_phi3, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 100
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"mlp\.gate_up_proj\.weight .* has shape \(256, 96\) but config\.json implies \(200, 96\)"):
+        load_causal_lm(d, load_config(d))
+
+
+def test_missing_weight(tiny_phi3, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = copy(tiny_phi3, tmp_path / "m")
+    state = load_file(d / "model.safetensors")
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, d / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"1 missing \(e\.g\. model\.layers\.1\.mlp\.down_proj\.weight\)"):
+        load_causal_lm(d, load_config(d))
+
+
+def test_no_weights(tiny_phi3, tmp_path):
+    d = copy(tiny_phi3, tmp_path / "m")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights in"):
+        load_causal_lm(d, load_config(d))
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json not found"):
+        load_config(tmp_path)
+
+
+def test_corrupt_config(tmp_path):
+    (tmp_path / "config.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match="is not valid JSON"):
+        load_config(tmp_path)
+
+
+def test_missing_tokenizer(tiny_phi3, tmp_path):
+    from phi3v.api import load
+
+    d = copy(tiny_phi3, tmp_path / "m")
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
+        load(d)
+
+
+def test_unknown_architecture():
+    with pytest.raises(CheckpointError, match=r"unsupported architecture \['LlamaForCausalLM'\]"):
+        config_from_dict({"architectures": ["LlamaForCausalLM"]})
+
+
+def test_unknown_rope_type(tiny_phi3):
+    cfg = json.loads((tiny_phi3 / "config.json").read_text())
+    cfg["rope_scaling"]["type"] = "yarn"
+    with pytest.raises(CheckpointError, match="unsupported rope scaling type 'yarn'"):
+        config_from_dict(cfg)
+
+
+def test_both_moe_architecture_spellings(tiny_moe):
+    cfg = json.loads((tiny_moe / "config.json").read_text())
+    for arch in ("PhiMoEForCausalLM", "PhimoeForCausalLM"):
+        cfg["architectures"] = [arch]
+        assert type(config_from_dict(cfg)).__name__ == "PhiMoEConfig"
+
+
+def test_repo_id_from_local_hf_cache(tiny_phi3, tmp_path, monkeypatch):
+    snap = tmp_path / "hub" / "models--microsoft--Phi-3.5-mini-instruct" / "snapshots" / "abc123"
+    shutil.copytree(tiny_phi3, snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_model_dir("microsoft/Phi-3.5-mini-instruct") == snap
+    with pytest.raises(CheckpointError, match="not a local folder nor in the Hugging Face cache"):
+        resolve_model_dir("microsoft/Phi-3-medium-4k-instruct")
