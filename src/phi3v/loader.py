@@ -181,13 +181,23 @@ def save_safetensors(state: dict[str, torch.Tensor], out_dir: Path, max_shard_by
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def load_causal_lm(model_dir: Path, cfg: Phi3Config, dtype: torch.dtype = torch.float32, device="cpu"):
-    """Build the decoder on the meta device and load the checkpoint's weights into it strictly."""
+def build_model(cfg: Phi3Config, raw: dict | None = None):
+    """The model class for a config (on the current default device): text decoder or Phi-3-vision."""
     from .model import CausalLM
+    from .multimodal import Phi3VForCausalLM, is_vision_config
+    from .vision import ImageEmbeddingConfig
 
+    if raw is not None and is_vision_config(raw):
+        return Phi3VForCausalLM(cfg, ImageEmbeddingConfig.from_config(raw))
+    return CausalLM(cfg)
+
+
+def load_causal_lm(model_dir: Path, cfg: Phi3Config, dtype: torch.dtype = torch.float32, device="cpu",
+                   raw: dict | None = None):
+    """Build the model on the meta device and load the checkpoint's weights into it strictly."""
     with torch.device("meta"):
-        model = CausalLM(cfg)
-    state = CausalLM.sanitize(cfg, read_state_dict(model_dir))
+        model = build_model(cfg, raw)
+    state = type(model).sanitize(cfg, read_state_dict(model_dir))
     if cfg.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     load_into(model, state, dtype, model_dir)

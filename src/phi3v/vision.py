@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from phi3v.errors import CheckpointError, InputError
+from phi3v.image_processing import MERGE, num_image_tokens  # noqa: F401  (one token-count formula for both)
 
-MERGE = 2  # 2x2 neighbouring patches are concatenated into one token of 4C channels
 
 
 @dataclass
@@ -102,14 +102,6 @@ class ImageEmbeddingConfig:
     def num_layers_run(self) -> int:
         """CLIP encoder layers to run so that the output is hidden_states[layer_idx]."""
         return self.layer_idx % (self.vision.num_hidden_layers + 1)
-
-
-def num_image_tokens(hd_height: int, hd_width: int, crop_size: int, patch_size: int) -> int:
-    """Rows of image features for an HD image of (hd_height, hd_width), both multiples of crop_size."""
-    side = crop_size // patch_size // MERGE
-    h_c, w_c = hd_height // crop_size, hd_width // crop_size
-    # sub-image grid + one separator per grid row, glb_GN, global crop + one separator per row
-    return h_c * w_c * side**2 + h_c * side + 1 + side**2 + side
 
 
 # --------------------------------------------------------------------------- CLIP vision tower
