@@ -40,12 +40,13 @@ def _embed(model: CausalLM, prompt: Prompt, ids: list[int], device) -> torch.Ten
 
 
 def generate_steps(model: CausalLM, prompts: list[Prompt], params: SamplingParams, stop_ids: frozenset[int] = frozenset(),
-                   max_context: int | None = None) -> Iterator[list[Step]]:
+                   max_context: int | None = None, recompute_on_long_switch: bool = True) -> Iterator[list[Step]]:
     """Yield, after each decode step, the new token of every row still running.
 
     Rows are right-padded and keep their own positions, so prompts of different lengths need no attention
     padding. When a row grows past LongRoPE's original_max_position_embeddings, its cache (built with the
-    short factors) is recomputed once with the long factors, as the reference does.
+    short factors) is recomputed once with the long factors, as the reference does (Phi-3-vision's reference
+    does not: recompute_on_long_switch=False reproduces it, the old keys keep the short factors).
     """
     cfg = model.config
     if not prompts:
@@ -105,10 +106,10 @@ def generate_steps(model: CausalLM, prompts: list[Prompt], params: SamplingParam
             running = still
             if not running:
                 break
-            logits = _decode(model, prompts, seqs, cache, tokens, is_long, device)
+            logits = _decode(model, prompts, seqs, cache, tokens, is_long, device, recompute_on_long_switch)
 
 
-def _decode(model, prompts, seqs, cache, tokens, is_long, device):
+def _decode(model, prompts, seqs, cache, tokens, is_long, device, recompute: bool):
     """One decode step for every row (finished rows compute too; their output is ignored)."""
     B = len(seqs)
     pos_host = [len(s) - 1 for s in seqs]
@@ -118,7 +119,7 @@ def _decode(model, prompts, seqs, cache, tokens, is_long, device):
     logits = model(tokens[:, None], pos=pos, cache=cache, kv_len=kv_len,
                    long_rope=torch.tensor(long_host, device=device))[:, -1]
     for b in range(B):
-        if long_host[b] and not is_long[b]:
+        if recompute and long_host[b] and not is_long[b]:
             # the row just crossed the LongRoPE boundary: recompute its whole cache with the long factors
             is_long[b] = True
             n = len(seqs[b])
