@@ -9,9 +9,11 @@ from typing import Iterator
 import torch
 
 from .config import config_from_dict, read_json
-from .errors import InputError
+from .errors import ContextLengthError, InputError
 from .generate import Prompt, generate_steps
+from .image_processing import ImageProcessor
 from .loader import load_causal_lm, parse_dtype, resolve_model_dir
+from .multimodal import is_vision_config, recomputes_on_long_switch, tokenize_with_images, with_image_tags
 from .random_checkpoint import RANDOM_MARKER
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -68,12 +70,14 @@ class TextRow:
 
 
 class Phi3Model:
-    """A loaded checkpoint: decoder, tokenizer and generation defaults."""
+    """A loaded checkpoint: model, tokenizer, and for Phi-3(.5)-vision the image processor."""
 
-    def __init__(self, model, tokenizer: Tokenizer, path: Path, is_random: bool = False):
-        self.model, self.tokenizer, self.path = model, tokenizer, path
+    def __init__(self, model, tokenizer: Tokenizer, path: Path, is_random: bool = False,
+                 processor: ImageProcessor | None = None):
+        self.model, self.tokenizer, self.path, self.processor = model, tokenizer, path, processor
         self.config = model.config
         self.is_random = is_random  # weights made by `phi3v create-random`: the output means nothing
+        self.recompute_on_long_switch = processor is None or recomputes_on_long_switch(path)
 
     @classmethod
     def load(cls, name_or_path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu") -> Phi3Model:
@@ -81,32 +85,91 @@ class Phi3Model:
         raw = read_json(path / "config.json", "config.json")
         cfg = config_from_dict(raw)
         tokenizer = Tokenizer.from_dir(path)
+        processor = ImageProcessor.from_dir(path) if is_vision_config(raw) else None
         if dtype == "auto":
             dtype = "bfloat16" if device != "cpu" or _cpu_has_bf16() else "float32"
-        model = load_causal_lm(path, cfg, parse_dtype(dtype), device)
-        return cls(model, tokenizer, path, bool(raw.get(RANDOM_MARKER)))
+        model = load_causal_lm(path, cfg, parse_dtype(dtype), device, raw=raw)
+        return cls(model, tokenizer, path, bool(raw.get(RANDOM_MARKER)), processor)
+
+    @property
+    def is_vision(self) -> bool:
+        return self.processor is not None
 
     # ---- prompts ----
-    def render(self, prompt: str | Messages, system: str | None = None, raw: bool = False) -> list[int]:
-        """Token ids of a prompt: a user message (plus optional system turn) or a whole conversation."""
+    def _messages(self, prompt: str | Messages, system: str | None, images: list | None) -> Messages:
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if not isinstance(prompt, list):
+            raise InputError("a prompt is a string or a list of {'role', 'content'} messages")
+        msgs = [dict(m) if isinstance(m, dict) else m for m in prompt]
+        if images:
+            users = [m for m in msgs if isinstance(m, dict) and m.get("role") == "user"]
+            if not users:
+                raise InputError("images need a user message to attach to")
+            users[-1]["images"] = list(users[-1].get("images") or []) + list(images)
+        if system is not None:
+            msgs = [{"role": "system", "content": system}, *msgs]
+        return msgs
+
+    def prepare(self, prompt: str | Messages, system: str | None = None, raw: bool = False, images: list | None = None,
+                num_crops: int | None = None, max_context: int | None = None) -> Prompt:
+        """Token ids (and, with images, embeddings) of a prompt: a user message or a whole conversation.
+
+        Images belong to the message whose "images" list holds them (`images=` attaches them to the last user
+        turn); a message whose content has no <|image_N|> tags gets them prepended, numbered across the
+        conversation.
+        """
         if raw:
             if not isinstance(prompt, str):
                 raise InputError("raw prompts must be strings")
-            return self.tokenizer.encode(prompt)
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        if system is not None:
-            prompt = [{"role": "system", "content": system}, *prompt]
-        return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            text, all_images = with_image_tags(prompt, 1, len(images or [])), list(images or [])
+        else:
+            msgs = self._messages(prompt, system, images)
+            all_images = []
+            for m in msgs:
+                if isinstance(m, dict) and m.get("images"):
+                    m["content"] = with_image_tags(str(m.get("content", "")), len(all_images) + 1, len(m["images"]))
+                    all_images += m.pop("images")
+            if not self.is_vision:
+                if all_images:
+                    raise InputError(f"{self.path} is a text model: it cannot take images")
+                return Prompt(self._check_fits(self.tokenizer.apply_chat_template(msgs), max_context))
+            text = self.tokenizer.apply_chat_template([_plain(m) for m in msgs], tokenize=False)
+        if not self.is_vision:
+            if all_images:
+                raise InputError(f"{self.path} is a text model: it cannot take images")
+            return Prompt(self._check_fits(self.tokenizer.encode(text), max_context))
+        processed = self.processor(all_images, num_crops=num_crops) if all_images else None
+        counts = processed["num_img_tokens"] if processed else []
+        ids = self._check_fits(tokenize_with_images(self.tokenizer, text, counts), max_context)
+        if not processed:
+            return Prompt(ids)
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            embeds = self.model.embed(torch.tensor([ids], device=device), processed["pixel_values"].to(device),
+                                      processed["image_sizes"])
+        return Prompt(ids, embeds[0])
+
+    def _check_fits(self, ids: list[int], max_context: int | None) -> list[int]:
+        limit = min(max_context or self.config.max_position_embeddings, self.config.max_position_embeddings)
+        if len(ids) >= limit:
+            raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the context of {limit} tokens "
+                                     "(it needs room for at least one new token); shorten the prompt or raise max_context")
+        return ids
+
+    def render(self, prompt: str | Messages, system: str | None = None, raw: bool = False, **kw) -> list[int]:
+        """Token ids of a prompt (image placeholders are negative ids)."""
+        return self.prepare(prompt, system, raw, **kw).ids
 
     # ---- generation ----
-    def stream_batch(self, prompts: list[list[int]], params: SamplingParams,
+    def stream_batch(self, prompts: list[Prompt], params: SamplingParams,
                      max_context: int | None = None) -> Iterator[tuple[int, str, TextRow]]:
-        """Yield (row, text delta, row state) as tokens arrive for a batch of tokenized prompts."""
+        """Yield (row, text delta, row state) as tokens arrive for a batch of prepared prompts."""
         stop_ids = self.tokenizer.stop_token_ids
         rows = [TextRow(self.tokenizer, params.stop) for _ in prompts]
         done = [False] * len(prompts)
-        gen = generate_steps(self.model, [Prompt(p) for p in prompts], params, stop_ids, max_context)
+        prompts = [p if isinstance(p, Prompt) else Prompt(list(p)) for p in prompts]
+        gen = generate_steps(self.model, prompts, params, stop_ids, max_context, self.recompute_on_long_switch)
         for steps in gen:
             for s in steps:
                 if done[s.row]:
@@ -120,29 +183,39 @@ class Phi3Model:
                 return
 
     def generate_batch(self, prompts: list[str | Messages], system: str | None = None, raw: bool = False,
+                       images: list | None = None, num_crops: int | None = None, max_context: int | None = None,
                        **sampling) -> list[Completion]:
+        """Complete several prompts together (one batch); `images` are shared by every prompt."""
         params = SamplingParams(**sampling)
-        ids = [self.render(p, system, raw) for p in prompts]
-        rows: dict[int, object] = {}
-        for b, _, row in self.stream_batch(ids, params):
+        prepared = [self.prepare(p, system, raw, images, num_crops, max_context) for p in prompts]
+        rows: dict[int, TextRow] = {}
+        for b, _, row in self.stream_batch(prepared, params, max_context):
             rows[b] = row
-        return [Completion(rows[b].text, rows[b].token_ids, len(ids[b]), rows[b].finish_reason or "length")
-                if b in rows else Completion("", [], len(ids[b]), "length") for b in range(len(ids))]
+        return [Completion(rows[b].text, rows[b].token_ids, len(p.ids), rows[b].finish_reason or "length")
+                if b in rows else Completion("", [], len(p.ids), "length") for b, p in enumerate(prepared)]
 
-    def generate(self, prompt: str | Messages, system: str | None = None, raw: bool = False, **sampling) -> Completion:
-        """Complete one prompt. Sampling keywords: max_new_tokens, temperature, top_p, top_k, seed, stop, ..."""
-        return self.generate_batch([prompt], system, raw, **sampling)[0]
+    def generate(self, prompt: str | Messages, system: str | None = None, raw: bool = False, **kw) -> Completion:
+        """Complete one prompt. Keywords: images, num_crops, max_context, and the SamplingParams fields
+        (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop)."""
+        return self.generate_batch([prompt], system, raw, **kw)[0]
 
-    def stream(self, prompt: str | Messages, system: str | None = None, raw: bool = False, **sampling) -> Iterator[str]:
+    def stream(self, prompt: str | Messages, system: str | None = None, raw: bool = False, images: list | None = None,
+               num_crops: int | None = None, max_context: int | None = None, **sampling) -> Iterator[str]:
         """Text deltas of one completion as they are generated."""
         params = SamplingParams(**sampling)
-        for _, delta, _ in self.stream_batch([self.render(prompt, system, raw)], params):
+        prepared = self.prepare(prompt, system, raw, images, num_crops, max_context)
+        for _, delta, _ in self.stream_batch([prepared], params, max_context):
             if delta:
                 yield delta
 
-    def chat(self, messages: Messages, **sampling) -> Completion:
-        """Answer the last user turn of a conversation; append {'role': 'assistant', ...} yourself to go on."""
-        return self.generate(messages, **sampling)
+    def chat(self, messages: Messages, **kw) -> Completion:
+        """Answer the last user turn of a conversation; messages may carry "images" lists. Append the
+        {'role': 'assistant', 'content': ...} turn yourself to go on."""
+        return self.generate(messages, **kw)
+
+
+def _plain(m):
+    return {k: v for k, v in m.items() if k != "images"} if isinstance(m, dict) else m
 
 
 def _cpu_has_bf16() -> bool:

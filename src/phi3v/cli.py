@@ -29,7 +29,7 @@ def _load(args):
 
 def cmd_generate(args) -> None:
     model = _load(args)
-    sampling = _sampling(args)
+    sampling = dict(_sampling(args), images=args.image or None, num_crops=args.num_crops, max_context=args.max_context)
     if args.json:
         out = model.generate(args.prompt, system=args.system, raw=args.raw, **sampling)
         print(json.dumps(out.to_dict(), ensure_ascii=False))
@@ -44,25 +44,39 @@ def cmd_chat(args) -> None:
     model = _load(args)
     sampling = _sampling(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("phi3v chat: type a message; /reset starts over, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    pending: list[str] = list(args.image or [])
+    print("phi3v chat: type a message; /image PATH attaches an image to your next message, /reset starts over, "
+          "/exit (or Ctrl-D) quits.", file=sys.stderr)
     while True:
         try:
             line = input("you> ")
         except EOFError:
             print(file=sys.stderr)
             return
-        if line.strip() in ("/exit", "/quit"):
+        cmd = line.strip()
+        if cmd in ("/exit", "/quit"):
             return
-        if line.strip() == "/reset":
-            messages = messages[:1] if args.system else []
+        if cmd == "/reset":
+            messages, pending = (messages[:1] if args.system else []), []
             continue
-        if not line.strip():
+        if cmd.startswith("/image"):
+            path = cmd[len("/image"):].strip()
+            try:
+                _check_image(model, path)
+            except Phi3VError as e:
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            pending.append(path)
+            print(f"(image {path} will go with your next message)", file=sys.stderr)
             continue
-        messages.append({"role": "user", "content": line})
+        if not cmd:
+            continue
+        messages.append({"role": "user", "content": line, **({"images": pending} if pending else {})})
+        pending = []
         sys.stdout.write("assistant> ")
         reply = []
         try:
-            for delta in model.stream(messages, **sampling):
+            for delta in model.stream(messages, num_crops=args.num_crops, max_context=args.max_context, **sampling):
                 reply.append(delta)
                 sys.stdout.write(delta)
                 sys.stdout.flush()
@@ -72,6 +86,14 @@ def cmd_chat(args) -> None:
             continue
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _check_image(model, path: str) -> None:
+    from .image_processing import load_image
+
+    if not model.is_vision:
+        raise Phi3VError(f"{model.path} is a text model: it cannot take images")
+    load_image(path, model.processor.max_pixels)
 
 
 def _reference_dir(name: str) -> Path:
@@ -129,6 +151,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--image", action="append", help="image file (repeatable; Phi-3(.5)-vision models)")
+    p.add_argument("--num-crops", type=int, default=None, help="HD crops per image (default: preprocessor_config)")
+    p.add_argument("--max-context", type=int, default=None, help="token budget of prompt + answer")
 
 
 def build_parser() -> argparse.ArgumentParser:
