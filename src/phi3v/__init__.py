@@ -1,0 +1,13 @@
+"""phi3v: run, serve and train Microsoft's Phi-3 family (Phi-3(.5)-vision, Phi-3.5-mini, Phi-3.5-MoE) in PyTorch."""
+
+from .errors import CheckpointError, ContextLengthError, InputError, Phi3VError
+
+__version__ = "0.1.0"
+__all__ = ["load", "Phi3VError", "CheckpointError", "InputError", "ContextLengthError", "__version__"]
+
+
+def load(name_or_path, dtype="auto", device="cpu"):
+    """Load a checkpoint folder (or a repo id in the local Hugging Face cache); see phi3v.api.Phi3Model."""
+    from .api import load as _load
+
+    return _load(name_or_path, dtype=dtype, device=device)
