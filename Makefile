@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
-DEMO_DIR ?= checkpoints/random-phi3.5-mini
+DEMO_DIR ?= checkpoints/random-phi3.5-vision
 
 .PHONY: setup run test clean
 

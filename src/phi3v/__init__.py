@@ -3,7 +3,7 @@
 from .errors import CheckpointError, ContextLengthError, InputError, Phi3VError
 
 __version__ = "0.1.0"
-__all__ = ["load", "Phi3VError", "CheckpointError", "InputError", "ContextLengthError", "__version__"]
+__all__ = ["load", "example_image", "Phi3VError", "CheckpointError", "InputError", "ContextLengthError", "__version__"]
 
 
 def load(name_or_path, dtype="auto", device="cpu"):
@@ -11,3 +11,10 @@ def load(name_or_path, dtype="auto", device="cpu"):
     from .api import load as _load
 
     return _load(name_or_path, dtype=dtype, device=device)
+
+
+def example_image():
+    """Path of the bundled example image (a small synthetic bar chart)."""
+    from .examples import example_image as _example
+
+    return _example()

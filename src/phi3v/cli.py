@@ -10,7 +10,7 @@ from pathlib import Path
 from .errors import Phi3VError
 
 RANDOM_NOTE = "note: {path} has RANDOM weights (made by `phi3v create-random`): its output is meaningless text.\n"
-DEFAULT_LIKE = "Phi-3.5-mini-instruct"
+DEMO_LIKE = "Phi-3.5-vision-instruct"
 
 
 def _sampling(args) -> dict:
@@ -112,28 +112,31 @@ def cmd_create_random(args) -> None:
     out = create_random(like, args.out, seed=args.seed, std=args.std, dtype=args.dtype, layers=args.layers,
                         hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
                         intermediate=args.intermediate, experts=args.experts, original_max=args.original_max,
-                        sliding_window=args.sliding_window)
+                        sliding_window=args.sliding_window, vision_layers=args.vision_layers,
+                        vision_hidden=args.vision_hidden, vision_heads=args.vision_heads,
+                        vision_intermediate=args.vision_intermediate)
     print(f"wrote a RANDOM-weight checkpoint shaped like {like} to {out}")
 
 
 def cmd_demo(args) -> None:
-    """The Quick start job: make a small random checkpoint if needed and generate from it."""
+    """The Quick start job: make a small random Phi-3.5-vision checkpoint if needed and ask it about an image."""
+    from .examples import example_image
     from .random_checkpoint import create_random
 
     out = Path(args.out)
     if not (out / "config.json").is_file():
-        print(f"creating a small RANDOM-weight checkpoint in {out} (no model download is possible here)...",
+        print(f"creating a small RANDOM-weight Phi-3.5-vision checkpoint in {out} (no model can be downloaded here)...",
               file=sys.stderr)
-        create_random(_reference_dir(DEFAULT_LIKE), out, seed=0, std=0.1, layers=4, hidden=256, heads=8,
+        create_random(_reference_dir(DEMO_LIKE), out, seed=0, std=0.1, layers=4, hidden=256, heads=8,
                       intermediate=512)
     args.model, args.dtype, args.device = str(out), "float32", "cpu"
     model = _load(args)
-    prompt = args.prompt
-    print(f"user> {prompt}\nassistant> ", end="", flush=True)
-    for delta in model.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=0.0):
+    image = args.image or str(example_image())
+    print(f"image> {image}\nuser> {args.prompt}\nassistant> ", end="", flush=True)
+    for delta in model.stream(args.prompt, images=[image], max_new_tokens=args.max_new_tokens):
         sys.stdout.write(delta)
         sys.stdout.flush()
-    print("\n(random weights: the answer above is noise; real checkpoints load the same way with --model DIR)")
+    print(f"\n(random weights: the answer above is noise. A real checkpoint: phi3v chat --model DIR)")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -179,14 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("layers", "hidden", "heads", "kv-heads", "intermediate", "experts", "original-max",
                  "sliding-window"):
         p.add_argument(f"--{flag}", type=int, default=None)
+    for flag in ("vision-layers", "vision-hidden", "vision-heads", "vision-intermediate"):
+        p.add_argument(f"--{flag}", type=int, default=None,
+                       help="CLIP size (Phi-3-vision only); default: a 64-wide 3-layer CLIP when the decoder is resized")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--std", type=float, default=0.02, help="std of the random weights")
     p.add_argument("--dtype", default="bfloat16")
     p.set_defaults(func=cmd_create_random)
 
     p = sub.add_parser("demo", help="the Quick start: a random checkpoint and a first generation")
-    p.add_argument("--out", default="checkpoints/random-phi3.5-mini")
-    p.add_argument("--prompt", default="What can you tell me about this project?")
+    p.add_argument("--out", default="checkpoints/random-phi3.5-vision")
+    p.add_argument("--image", default=None, help="default: the bundled example chart")
+    p.add_argument("--prompt", default="What does this chart show?")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.set_defaults(func=cmd_demo)
     return parser

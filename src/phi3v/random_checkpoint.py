@@ -1,4 +1,8 @@
-"""`phi3v create-random`: a random-weight checkpoint in the real layout, with the real tokenizer files."""
+"""`phi3v create-random`: a random-weight checkpoint in the real layout, with the real tokenizer files.
+
+Text (Phi3ForCausalLM, PhiMoEForCausalLM) and Phi-3(.5)-vision (Phi3VForCausalLM) configs are supported; the weights are
+drawn for every parameter of the model `loader.build_model` builds, under the checkpoint's own names.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,22 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .config import PhiMoEConfig, config_from_dict, read_json
 from .errors import CheckpointError
-from .loader import parse_dtype, save_safetensors
+from .image_processing import CROP_SIZE, PATCH_SIZE
+from .loader import build_model, parse_dtype, save_safetensors
+from .model import RMSNorm
+from .multimodal import is_vision_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "preprocessor_config.json", "processor_config.json")
 RANDOM_MARKER = "phi3v_random_weights"  # config.json key that marks the weights as random
+# The fixtures' tiny CLIP (shared/fixtures/phi3v/README.md): used when the decoder is shrunk and no CLIP size is given.
+SMALL_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 3}
+CLIP_FIXED = {"image_size": CROP_SIZE, "patch_size": PATCH_SIZE, "layer_norm_eps": 1e-5, "hidden_act": "quick_gelu"}
+NORM_STD, BIAS_STD, GN_STD = 0.1, 0.05, 0.3  # norm weights 1 + N(0, .1); biases; glb_GN / sub_GN (as the fixtures)
 
 
 def _resample(factors: list[float], n: int) -> list[float]:
@@ -47,27 +59,50 @@ def derive_config(base: dict, layers=None, hidden=None, heads=None, kv_heads=Non
     return d
 
 
-def random_state_dict(cfg, seed: int, std: float) -> dict[str, torch.Tensor]:
-    """Weights under the checkpoint's own names (PhiMoE experts unstacked), drawn with a fixed seed."""
-    from .model import CausalLM
+def derive_vision_config(d: dict, shrink: bool, layers=None, hidden=None, heads=None, intermediate=None) -> dict:
+    """Set `img_processor.vision_config` of a Phi-3-vision config.json in place: the given CLIP sizes over the
+    source's vision_config (or SMALL_CLIP) when `shrink` or a size is given; else keep it (none = real ViT-L/14-336)."""
+    given = {k: v for k, v in (("num_hidden_layers", layers), ("hidden_size", hidden), ("num_attention_heads", heads),
+                               ("intermediate_size", intermediate)) if v is not None}
+    ip = d["img_processor"]
+    if not (shrink or given):
+        return d
+    vc = {**SMALL_CLIP, **CLIP_FIXED, **ip.get("vision_config", {}), **given}
+    if vc["hidden_size"] % vc["num_attention_heads"]:
+        raise CheckpointError(f"CLIP width {vc['hidden_size']} is not a multiple of its {vc['num_attention_heads']} "
+                              "heads; pick --vision-hidden and --vision-heads that divide")
+    vc["projection_dim"] = vc["hidden_size"]  # stored by the reference config, unused by Phi-3-vision
+    ip["vision_config"] = vc
+    ip["image_dim_out"] = vc["hidden_size"]  # the HD merge concatenates 4 CLIP rows: glb_GN/sub_GN are 4x this wide
+    return d
 
+
+def random_state_dict(cfg, seed: int, std: float, raw: dict | None = None,
+                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Weights of `build_model(cfg, raw)` under the checkpoint's own names (PhiMoE experts unstacked), drawn in
+    float32 with a fixed seed in parameter order, then cast to dtype."""
     g = torch.Generator().manual_seed(seed)
-    model = CausalLM(cfg)
+    with torch.device("meta"):  # only the names and shapes are needed
+        model = build_model(cfg, raw)
+    norms = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, (nn.LayerNorm, RMSNorm))}
     state = {}
     for name, p in model.state_dict().items():
-        if name.endswith("norm.weight") or "layernorm.weight" in name:
-            t = 1 + 0.1 * torch.randn(p.shape, generator=g)
+        t = torch.randn(p.shape, generator=g)
+        if name in norms:
+            t = 1 + NORM_STD * t
         elif name.endswith(".bias"):
-            t = 0.05 * torch.randn(p.shape, generator=g)
+            t = BIAS_STD * t
+        elif name.endswith(("glb_GN", "sub_GN")):
+            t = GN_STD * t
         else:
-            t = std * torch.randn(p.shape, generator=g)
-        state[name] = t
+            t = std * t
+        state[name] = t.to(dtype)
     if isinstance(cfg, PhiMoEConfig):
         for name in [k for k in state if ".experts.w" in k]:
             stacked = state.pop(name)
             head, w = name.rsplit(".", 1)
             for e in range(stacked.shape[0]):
-                state[f"{head}.{e}.{w}.weight"] = stacked[e]
+                state[f"{head}.{e}.{w}.weight"] = stacked[e].clone()  # own storage: safetensors refuses shared views
     return state
 
 
@@ -75,22 +110,29 @@ def create_random(like: str | Path, out: str | Path, *, seed: int = 0, std: floa
                   layers: int | None = None, hidden: int | None = None, heads: int | None = None,
                   kv_heads: int | None = None, intermediate: int | None = None, experts: int | None = None,
                   original_max: int | None = None, sliding_window: int | None = None,
+                  vision_layers: int | None = None, vision_hidden: int | None = None,
+                  vision_heads: int | None = None, vision_intermediate: int | None = None,
                   max_shard_bytes: int = 2 << 30) -> Path:
-    """Write a random-weight checkpoint shaped like `like` (a config.json or a model folder) to `out`."""
+    """Write a random-weight checkpoint shaped like `like` (a config.json or a model folder) to `out`. For
+    Phi-3(.5)-vision a shrunk decoder gets the fixtures' small CLIP unless vision_* sizes are given."""
     like = Path(like)
     src_dir = like if like.is_dir() else like.parent
     cfg_path = like / "config.json" if like.is_dir() else like
     d = derive_config(read_json(cfg_path, "config.json"), layers, hidden, heads, kv_heads, intermediate, experts,
                       original_max, sliding_window)
-    if "Phi3VForCausalLM" in (d.get("architectures") or []):
-        raise CheckpointError("random Phi-3-vision checkpoints are not supported yet; use a text config")
+    vision = (vision_layers, vision_hidden, vision_heads, vision_intermediate)
+    if is_vision_config(d):
+        shrink = any(v is not None for v in (layers, hidden, heads, kv_heads, intermediate))
+        derive_vision_config(d, shrink, *vision)
+    elif any(v is not None for v in vision):
+        raise CheckpointError(f"{cfg_path} is not a Phi-3-vision config: the vision sizes only apply to "
+                              "Phi3VForCausalLM; drop them or pass a vision model's config")
     cfg = config_from_dict(d)
     d[RANDOM_MARKER] = True
+    torch_dtype = parse_dtype(dtype)
+    state = random_state_dict(cfg, seed, std, d, torch_dtype)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = random_state_dict(cfg, seed, std)
-    torch_dtype = parse_dtype(dtype)
-    state = {k: v.to(torch_dtype) for k, v in state.items()}
     save_safetensors(state, out, max_shard_bytes)
     d["torch_dtype"] = str(torch_dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(d, indent=2))
