@@ -64,6 +64,8 @@ def generate_steps(model: CausalLM, prompts: list[Prompt], params: SamplingParam
         )
     B = len(prompts)
     budget = [min(params.max_new_tokens, limit - n) for n in lens]
+    if max(budget) == 0:  # max_new_tokens=0: nothing to generate, so no prefill either
+        return
     cache_len = max(n + b for n, b in zip(lens, budget))
     cache = KVCache.for_model(cfg, B, cache_len, dtype=dtype, device=device)
     sample = make_sampler(params, device)
@@ -106,19 +108,19 @@ def generate_steps(model: CausalLM, prompts: list[Prompt], params: SamplingParam
             running = still
             if not running:
                 break
-            logits = _decode(model, prompts, seqs, cache, tokens, is_long, device, recompute_on_long_switch)
+            logits = _decode(model, prompts, seqs, cache, tokens, is_long, running, device, recompute_on_long_switch)
 
 
-def _decode(model, prompts, seqs, cache, tokens, is_long, device, recompute: bool):
-    """One decode step for every row (finished rows compute too; their output is ignored)."""
-    B = len(seqs)
+def _decode(model, prompts, seqs, cache, tokens, is_long, running, device, recompute: bool):
+    """One decode step for every row (finished rows compute too; their output is ignored, their cache never
+    recomputed)."""
     pos_host = [len(s) - 1 for s in seqs]
     pos = torch.tensor(pos_host, device=device)[:, None]
     long_host = [model.rotary.needs_long(p + 1) for p in pos_host]
     kv_len = max(pos_host) + 1
     logits = model(tokens[:, None], pos=pos, cache=cache, kv_len=kv_len,
                    long_rope=torch.tensor(long_host, device=device))[:, -1]
-    for b in range(B):
+    for b in running:
         if recompute and long_host[b] and not is_long[b]:
             # the row just crossed the LongRoPE boundary: recompute its whole cache with the long factors
             is_long[b] = True

@@ -63,7 +63,10 @@ def make_sampler(params: SamplingParams, device="cpu") -> Callable[[torch.Tensor
     if params.temperature == 0:
         return lambda logits: logits.argmax(dim=-1)
     gen = torch.Generator(device=device)
-    gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+    if params.seed is None:
+        gen.seed()  # a fresh non-deterministic seed for this generator only (torch.seed() would reseed the global one)
+    else:
+        gen.manual_seed(params.seed)
 
     def sample(logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float() / params.temperature
