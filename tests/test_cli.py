@@ -83,6 +83,7 @@ def test_create_random_cli(tmp_path, capsys):
     (["--model", "{tiny}", "--image", "{tiny}/config.json"], "is a text model: it cannot take images"),
     (["--model", "{tiny}", "--max-context", "4"], "does not fit the context of 4 tokens"),
     (["--model", "{tiny}", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--model", "{tiny}", "--max-context", "0"], "max_context must be a positive number of tokens"),
 ])
 def test_errors_are_one_clear_line(tiny_phi3, capsys, argv, message):
     argv = [a.format(tiny=tiny_phi3) for a in argv]

@@ -9,8 +9,8 @@ from typing import Iterator
 import torch
 
 from .config import config_from_dict, read_json
-from .errors import ContextLengthError, InputError
-from .generate import Prompt, generate_steps
+from .errors import InputError
+from .generate import Prompt, check_prompt_fits, generate_steps
 from .image_processing import ImageProcessor
 from .loader import load_causal_lm, parse_dtype, resolve_model_dir
 from .multimodal import is_vision_config, recomputes_on_long_switch, tokenize_with_images, with_image_tags
@@ -151,10 +151,7 @@ class Phi3Model:
         return Prompt(ids, embeds[0])
 
     def _check_fits(self, ids: list[int], max_context: int | None) -> list[int]:
-        limit = min(max_context or self.config.max_position_embeddings, self.config.max_position_embeddings)
-        if len(ids) >= limit:
-            raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the context of {limit} tokens "
-                                     "(it needs room for at least one new token); shorten the prompt or raise max_context")
+        check_prompt_fits(len(ids), self.config, max_context)  # before any image goes through CLIP
         return ids
 
     def render(self, prompt: str | Messages, system: str | None = None, raw: bool = False, **kw) -> list[int]:

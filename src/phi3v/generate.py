@@ -39,6 +39,19 @@ def _embed(model: CausalLM, prompt: Prompt, ids: list[int], device) -> torch.Ten
     return torch.cat([prompt.embeds.to(rest.dtype), rest])
 
 
+def check_prompt_fits(n_tokens: int, cfg, max_context: int | None = None) -> int:
+    """Raise ContextLengthError unless a prompt of n_tokens leaves room for one new token; return the limit."""
+    if max_context is not None and max_context < 1:
+        raise InputError(f"max_context must be a positive number of tokens, not {max_context}")
+    limit = min(max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    if n_tokens >= limit:
+        raise ContextLengthError(
+            f"prompt of {n_tokens} tokens does not fit the context of {limit} tokens (it needs room for at least "
+            "one new token); shorten the prompt or raise max_context"
+        )
+    return limit
+
+
 def generate_steps(model: CausalLM, prompts: list[Prompt], params: SamplingParams, stop_ids: frozenset[int] = frozenset(),
                    max_context: int | None = None, recompute_on_long_switch: bool = True) -> Iterator[list[Step]]:
     """Yield, after each decode step, the new token of every row still running.
@@ -56,12 +69,7 @@ def generate_steps(model: CausalLM, prompts: list[Prompt], params: SamplingParam
     lens = [len(p.ids) for p in prompts]
     if min(lens) == 0:
         raise InputError("empty prompt: give at least one token")
-    limit = min(max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    if max(lens) >= limit:
-        raise ContextLengthError(
-            f"prompt of {max(lens)} tokens does not fit the context of {limit} tokens (it needs room for at least "
-            "one new token); shorten the prompt or raise max_context"
-        )
+    limit = check_prompt_fits(max(lens), cfg, max_context)
     B = len(prompts)
     budget = [min(params.max_new_tokens, limit - n) for n in lens]
     if max(budget) == 0:  # max_new_tokens=0: nothing to generate, so no prefill either
