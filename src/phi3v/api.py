@@ -6,10 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import hashlib
+
 import torch
 
 from .config import config_from_dict, read_json
 from .errors import InputError
+from .engine import Engine
 from .generate import Prompt, check_prompt_fits, generate_steps
 from .image_processing import ImageProcessor
 from .loader import load_causal_lm, parse_dtype, resolve_model_dir
@@ -19,6 +22,7 @@ from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
 Messages = list[dict]
+FEATURE_CACHE_IMAGES = 16  # projected features of this many recent images are kept for multi-turn chats
 
 
 @dataclass
@@ -78,6 +82,8 @@ class Phi3Model:
         self.config = model.config
         self.is_random = is_random  # weights made by `phi3v create-random`: the output means nothing
         self.recompute_on_long_switch = processor is None or recomputes_on_long_switch(path)
+        self._features: dict[str, torch.Tensor] = {}  # image digest -> projected features (recent images)
+        self._engine: Engine | None = None
 
     @classmethod
     def load(cls, name_or_path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu") -> Phi3Model:
@@ -144,11 +150,26 @@ class Phi3Model:
         ids = self._check_fits(tokenize_with_images(self.tokenizer, text, counts), max_context)
         if not processed:
             return Prompt(ids)
+        digests = [_digest(pv, size) for pv, size in zip(processed["pixel_values"], processed["image_sizes"])]
+        feats = [self._image_features(d, pv, size)
+                 for d, pv, size in zip(digests, processed["pixel_values"], processed["image_sizes"])]
         device = next(self.model.parameters()).device
         with torch.no_grad():
-            embeds = self.model.embed(torch.tensor([ids], device=device), processed["pixel_values"].to(device),
-                                      processed["image_sizes"])
-        return Prompt(ids, embeds[0])
+            embeds = self.model.embed(torch.tensor([ids], device=device), features=feats)
+        # the engine's prefix reuse must tell images apart, not just their placeholder ids
+        key = [(t, digests[-t - 1]) if t < 0 else t for t in ids]
+        return Prompt(ids, embeds[0], key)
+
+    def _image_features(self, digest: str, pixel_values, image_size) -> torch.Tensor:
+        """Projected features of one processed image, remembered for the next turns of a chat."""
+        if digest not in self._features:
+            device = next(self.model.parameters()).device
+            with torch.no_grad():
+                f = self.model.model.vision_embed_tokens(pixel_values[None].to(device), image_size[None])[0]
+            self._features[digest] = f
+            while len(self._features) > FEATURE_CACHE_IMAGES:
+                self._features.pop(next(iter(self._features)))
+        return self._features[digest]
 
     def _check_fits(self, ids: list[int], max_context: int | None) -> list[int]:
         check_prompt_fits(len(ids), self.config, max_context)  # before any image goes through CLIP
@@ -159,14 +180,23 @@ class Phi3Model:
         return self.prepare(prompt, system, raw, **kw).ids
 
     # ---- generation ----
-    def stream_batch(self, prompts: list[Prompt], params: SamplingParams,
-                     max_context: int | None = None) -> Iterator[tuple[int, str, TextRow]]:
+    def engine(self, max_batch: int = 1, max_context: int = 8192, kv_budget: int | None = None,
+               prefill_chunk: int = 512) -> Engine:
+        """The model's long-lived engine, made on first use: its cache keeps the last conversations, so the
+        next turn of a chat only computes its new tokens."""
+        if self._engine is None:
+            self._engine = Engine(self.model, max_batch, max_context, prefill_chunk, self.recompute_on_long_switch,
+                                  kv_budget)
+        return self._engine
+
+    def stream_batch(self, prompts: list[Prompt], params: SamplingParams, max_context: int | None = None,
+                     engine: Engine | None = None) -> Iterator[tuple[int, str, TextRow]]:
         """Yield (row, text delta, row state) as tokens arrive for a batch of prepared prompts."""
         stop_ids = self.tokenizer.stop_token_ids
         rows = [TextRow(self.tokenizer, params.stop) for _ in prompts]
         done = [False] * len(prompts)
         prompts = [p if isinstance(p, Prompt) else Prompt(list(p)) for p in prompts]
-        gen = generate_steps(self.model, prompts, params, stop_ids, max_context, self.recompute_on_long_switch)
+        gen = generate_steps(self.model, prompts, params, stop_ids, max_context, self.recompute_on_long_switch, engine)
         for steps in gen:
             for s in steps:
                 if done[s.row]:
@@ -181,12 +211,14 @@ class Phi3Model:
 
     def generate_batch(self, prompts: list[str | Messages], system: str | None = None, raw: bool = False,
                        images: list | None = None, num_crops: int | None = None, max_context: int | None = None,
-                       **sampling) -> list[Completion]:
+                       engine: Engine | None = None, **sampling) -> list[Completion]:
         """Complete several prompts together (one batch); `images` are shared by every prompt."""
         params = SamplingParams(**sampling)
+        if engine is not None:
+            max_context = min(max_context or engine.max_context, engine.max_context)
         prepared = [self.prepare(p, system, raw, images, num_crops, max_context) for p in prompts]
         rows: dict[int, TextRow] = {}
-        for b, _, row in self.stream_batch(prepared, params, max_context):
+        for b, _, row in self.stream_batch(prepared, params, max_context, engine):
             rows[b] = row
         return [Completion(rows[b].text, rows[b].token_ids, len(p.ids), rows[b].finish_reason or "length")
                 if b in rows else Completion("", [], len(p.ids), "length") for b, p in enumerate(prepared)]
@@ -197,18 +229,32 @@ class Phi3Model:
         return self.generate_batch([prompt], system, raw, **kw)[0]
 
     def stream(self, prompt: str | Messages, system: str | None = None, raw: bool = False, images: list | None = None,
-               num_crops: int | None = None, max_context: int | None = None, **sampling) -> Iterator[str]:
+               num_crops: int | None = None, max_context: int | None = None, engine: Engine | None = None,
+               **sampling) -> Iterator[str]:
         """Text deltas of one completion as they are generated."""
         params = SamplingParams(**sampling)
+        if engine is not None:
+            max_context = min(max_context or engine.max_context, engine.max_context)
         prepared = self.prepare(prompt, system, raw, images, num_crops, max_context)
-        for _, delta, _ in self.stream_batch([prepared], params, max_context):
+        for _, delta, _ in self.stream_batch([prepared], params, max_context, engine):
             if delta:
                 yield delta
 
     def chat(self, messages: Messages, **kw) -> Completion:
         """Answer the last user turn of a conversation; messages may carry "images" lists. Append the
-        {'role': 'assistant', 'content': ...} turn yourself to go on."""
-        return self.generate(messages, **kw)
+        {'role': 'assistant', 'content': ...} turn yourself to go on. Runs on the model's engine, so the
+        conversation so far is not computed again."""
+        return self.generate(messages, engine=self.engine(), **kw)
+
+    def chat_stream(self, messages: Messages, **kw) -> Iterator[str]:
+        """As chat(), as text deltas."""
+        return self.stream(messages, engine=self.engine(), **kw)
+
+
+def _digest(pixel_values: torch.Tensor, image_size: torch.Tensor) -> str:
+    h = hashlib.sha1(pixel_values.float().numpy().tobytes())
+    h.update(bytes(str(image_size.tolist()), "ascii"))
+    return h.hexdigest()
 
 
 def _plain(m):

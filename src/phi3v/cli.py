@@ -76,7 +76,8 @@ def cmd_chat(args) -> None:
         sys.stdout.write("assistant> ")
         reply = []
         try:
-            for delta in model.stream(messages, num_crops=args.num_crops, max_context=args.max_context, **sampling):
+            for delta in model.chat_stream(messages, num_crops=args.num_crops, max_context=args.max_context,
+                                           **sampling):
                 reply.append(delta)
                 sys.stdout.write(delta)
                 sys.stdout.flush()

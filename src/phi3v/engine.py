@@ -85,8 +85,8 @@ class Engine:
             raise InputError("empty prompt: give at least one token")
         check_prompt_fits(len(prompt.ids), self.cfg, self.max_context)
         budget = min(params.max_new_tokens, self.max_context - len(prompt.ids))
-        req = Request(prompt, params, stop_ids, next(self._ids), list(prompt.ids),
-                      list(key if key is not None else prompt.ids), budget=budget)
+        key = key if key is not None else (prompt.key if prompt.key is not None else prompt.ids)
+        req = Request(prompt, params, stop_ids, next(self._ids), list(prompt.ids), list(key), budget=budget)
         req.sampler = make_sampler(params, self.device)
         self.waiting.append(req)
         return req.id
@@ -97,6 +97,9 @@ class Engine:
         req = self.running.pop(request_id, None)
         if req is not None:
             self._release(req)
+
+    def is_active(self, request_id: int) -> bool:
+        return request_id in self.running or any(r.id == request_id for r in self.waiting)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

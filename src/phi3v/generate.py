@@ -27,6 +27,7 @@ class Prompt:
 
     ids: list[int]
     embeds: torch.Tensor | None = None  # (T, C)
+    key: list | None = None  # identifies the tokens for KV reuse (image placeholders paired with the image digest)
 
 
 def embed_ids(model: CausalLM, prompt: Prompt, seq: list[int], start: int, end: int, device) -> torch.Tensor:
@@ -57,10 +58,12 @@ def check_prompt_fits(n_tokens: int, cfg, max_context: int | None = None) -> int
 
 
 def generate_steps(model: CausalLM, prompts: list[Prompt], params: SamplingParams, stop_ids: frozenset[int] = frozenset(),
-                   max_context: int | None = None, recompute_on_long_switch: bool = True) -> Iterator[list[Step]]:
+                   max_context: int | None = None, recompute_on_long_switch: bool = True,
+                   engine=None) -> Iterator[list[Step]]:
     """Generate for a batch of prompts; yield, after each engine step, the new tokens (Step.row = prompt index).
 
-    A one-off Engine sized for exactly this batch. When a row grows past LongRoPE's
+    Runs on `engine` when given (its cache may already hold a prefix), else on a one-off Engine sized for
+    exactly this batch. When a row grows past LongRoPE's
     original_max_position_embeddings, its cache (built with the short factors) is recomputed once with the
     long factors, as the reference does (Phi-3-vision's reference does not: recompute_on_long_switch=False).
     """
@@ -75,11 +78,12 @@ def generate_steps(model: CausalLM, prompts: list[Prompt], params: SamplingParam
     budget = [min(params.max_new_tokens, limit - n) for n in lens]
     if max(budget) == 0:  # max_new_tokens=0: nothing to generate, so no prefill either
         return
-    size = max(n + b for n, b in zip(lens, budget))
-    engine = Engine(model, max_batch=len(prompts), max_context=size, prefill_chunk=size,
-                    recompute_on_long_switch=recompute_on_long_switch)
+    if engine is None:
+        size = max(n + b for n, b in zip(lens, budget))
+        engine = Engine(model, max_batch=len(prompts), max_context=size, prefill_chunk=size,
+                        recompute_on_long_switch=recompute_on_long_switch)
     rows = {engine.add(p, params, stop_ids): i for i, p in enumerate(prompts)}
-    while engine.has_work():
+    while any(engine.is_active(r) for r in rows):
         group: list[Step] = []  # each yield holds at most one token per row, in order
         for s in engine.step():
             if s.token < 0:

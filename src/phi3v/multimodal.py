@@ -69,18 +69,19 @@ class Phi3VForCausalLM(CausalLM):
         super().__init__(cfg)
         self.model.vision_embed_tokens = Phi3ImageEmbedding(vision)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values=None, image_sizes=None) -> torch.Tensor:
-        """(B, T) ids with image placeholders -> (B, T, C) embeddings; image k's rows go to its -k run."""
+    def embed(self, input_ids: torch.Tensor, pixel_values=None, image_sizes=None, features=None) -> torch.Tensor:
+        """(B, T) ids with image placeholders -> (B, T, C) embeddings; image k's rows go to its -k run.
+        `features` (one (rows, C) tensor per image) skips the vision tower when they are already known."""
         x = self.model.embed_tokens(input_ids.clamp_min(0))
         where = input_ids < 0
         n_slots = int(where.sum())
         if n_slots == 0:
             return x
-        if pixel_values is None:
+        if pixel_values is None and features is None:
             raise InputError("the prompt has image placeholders but no images were given")
         if input_ids.shape[0] != 1:
             raise InputError("embed one prompt with images at a time (rows do not share images)")
-        feats = self.model.vision_embed_tokens(pixel_values, image_sizes)
+        feats = features if features is not None else self.model.vision_embed_tokens(pixel_values, image_sizes)
         # rows of all images in the order their placeholder runs appear (image k fills the run of -k)
         order = [-int(v) for v in torch.unique_consecutive(input_ids[where])]
         rows = torch.cat([feats[k - 1] for k in order]) if order else x.new_zeros(0, x.shape[-1])
