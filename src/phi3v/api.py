@@ -15,6 +15,7 @@ from .errors import InputError
 from .engine import Engine
 from .generate import Prompt, check_prompt_fits, generate_steps
 from .image_processing import ImageProcessor
+from .kernels import use_fast_bf16_linears
 from .loader import load_causal_lm, parse_dtype, resolve_model_dir
 from .multimodal import is_vision_config, recomputes_on_long_switch, tokenize_with_images, with_image_tags
 from .random_checkpoint import RANDOM_MARKER
@@ -86,7 +87,8 @@ class Phi3Model:
         self._engine: Engine | None = None
 
     @classmethod
-    def load(cls, name_or_path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu") -> Phi3Model:
+    def load(cls, name_or_path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu",
+             quantize: str | None = None) -> Phi3Model:
         path = resolve_model_dir(name_or_path)
         raw = read_json(path / "config.json", "config.json")
         cfg = config_from_dict(raw)
@@ -95,6 +97,11 @@ class Phi3Model:
         if dtype == "auto":
             dtype = "bfloat16" if device != "cpu" or _cpu_has_bf16() else "float32"
         model = load_causal_lm(path, cfg, parse_dtype(dtype), device, raw=raw)
+        if quantize:
+            from .quantize import quantize_model
+
+            quantize_model(model, quantize)
+        use_fast_bf16_linears(model)  # no-op unless bf16 weights on a CPU without native bf16
         return cls(model, tokenizer, path, bool(raw.get(RANDOM_MARKER)), processor)
 
     @property
@@ -268,6 +275,7 @@ def _cpu_has_bf16() -> bool:
         return False
 
 
-def load(name_or_path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu") -> Phi3Model:
-    """Load a checkpoint folder (or a repo id already in the local Hugging Face cache)."""
-    return Phi3Model.load(name_or_path, dtype, device)
+def load(name_or_path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu",
+         quantize: str | None = None) -> Phi3Model:
+    """Load a checkpoint folder (or a repo id already in the local Hugging Face cache); quantize: int8 | int4."""
+    return Phi3Model.load(name_or_path, dtype, device, quantize)

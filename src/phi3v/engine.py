@@ -9,6 +9,7 @@ tokens (the next turn of a chat) only computes what is new.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,16 @@ from .generate import Prompt, Step, check_prompt_fits, embed_ids
 from .sampling import SamplingParams, apply_repetition_penalty, make_sampler
 
 PREFILL, DECODE, FINISHED = "prefill", "decode", "finished"
+
+
+@dataclass
+class Stats:
+    """Work done and time spent, split by phase (for benchmarks and the server's metrics)."""
+
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0  # tokens fed to decode steps
+    decode_s: float = 0.0
 
 
 @dataclass
@@ -76,6 +87,7 @@ class Engine:
         self.running: dict[int, Request] = {}
         self._ids = itertools.count()
         self.reused_tokens = 0  # prompt tokens whose keys/values came from a previous request
+        self.stats = Stats()
 
     # ---- requests ----
     def add(self, prompt: Prompt, params: SamplingParams, stop_ids: frozenset[int] = frozenset(),
@@ -151,8 +163,13 @@ class Engine:
         """Admit waiting requests, run one prefill chunk and one decode step; return the new tokens."""
         out = self._admit()
         with torch.no_grad():
+            t0 = time.perf_counter()
             out += self._prefill()
+            t1 = time.perf_counter()
             out += self._decode()
+            t2 = time.perf_counter()
+        self.stats.prefill_s += t1 - t0
+        self.stats.decode_s += t2 - t1
         for s in out:
             if s.finish_reason is not None and s.row in self.running:
                 self._release(self.running.pop(s.row))
@@ -178,6 +195,7 @@ class Engine:
             pos[b, :end - start] = torch.arange(start, end)
             long[b], at[b] = r.long, end - start - 1
         kv_len = max(e for _, e in spans.values())
+        self.stats.prefill_tokens += sum(e - s for s, e in spans.values())
         logits = self.model(inputs_embeds=x, pos=pos.to(self.device), cache=self.cache.rows(lo, hi), kv_len=kv_len,
                             long_rope=long.to(self.device), logits_at=at.to(self.device))[:, -1]
         out = []
@@ -205,6 +223,7 @@ class Engine:
             tokens[r.slot, 0], pos[r.slot, 0] = r.seq[-1], len(r.seq) - 1
             long[r.slot] = r.long or self.model.rotary.needs_long(len(r.seq))
         kv_len = max(len(r.seq) for r in rows)
+        self.stats.decode_tokens += len(rows)
         logits = self.model(tokens.to(self.device), pos=pos.to(self.device), cache=self.cache.rows(0, hi),
                             kv_len=kv_len, long_rope=long.to(self.device))[:, -1]
         out = []
