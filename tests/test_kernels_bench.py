@@ -1,0 +1,69 @@
+"""The bf16 linear swap (same values as F.linear up to bf16 rounding, same parameter names) and `phi3v bench`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phi3v.cli import main
+from phi3v.kernels import UPCAST_MIN_ROWS, BF16Linear, use_fast_bf16_linears
+
+
+@pytest.mark.parametrize("rows", [1, 3, UPCAST_MIN_ROWS, 130])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_linear_matches_f_linear(rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    lin = nn.Linear(96, 200, bias=bias).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(200, 96, generator=g))
+    x = torch.randn(rows, 96, generator=g).to(torch.bfloat16)
+    exact = F.linear(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double())
+    got = BF16Linear.from_linear(lin)(x).double()
+    # both round a float32-accurate result to bf16: at most 1 ulp of bf16 (2^-8 relative) apart from exact
+    assert ((got - exact).abs() <= exact.abs() * 2**-7 + 1e-2).all()
+    assert got.shape == (rows, 200)
+
+
+def test_swap_keeps_names_and_shares_weights():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 4, bias=False))).to(torch.bfloat16)
+    before = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    n = use_fast_bf16_linears(model)
+    from phi3v.kernels import cpu_has_native_bf16
+
+    assert n == (0 if cpu_has_native_bf16() else 2)
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before
+
+
+def test_bench_json_with_transformers_baseline(tiny_phi3, capsys):
+    assert main(["bench", "--model", str(tiny_phi3), "--dtype", "float32", "--prompt-tokens", "16",
+                 "--new-tokens", "8", "--batch", "2", "--baseline", "transformers", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ours, base = out["phi3v"], out["transformers"]
+    assert (ours["batch"], ours["prompt_tokens"], ours["new_tokens"]) == (2, 16, 8)
+    assert (base["batch"], base["prompt_tokens"], base["new_tokens"]) == (2, 16, 8)
+    for key in ("prefill_tok_s", "decode_tok_s"):
+        assert ours[key] > 0 and base[key] > 0
+        assert out["ratio"][key] == pytest.approx(ours[key] / base[key])
+    assert ours["peak_rss_mib"] > 0 and 0 < ours["ttft_s"]
+
+
+def test_bench_with_image(capsys):
+    from conftest import FIXTURES
+
+    d = FIXTURES / "phi35_vision_tiny"
+    assert main(["bench", "--model", str(d), "--dtype", "float32", "--image", str(d / "B1_single_800x600" / "image_1.png"),
+                 "--new-tokens", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["phi3v"]["prompt_tokens"] > 757  # the image's 757 tokens are in the prompt
+
+
+def test_bench_baseline_refuses_vision_models(capsys):
+    from conftest import FIXTURES
+
+    assert main(["bench", "--model", str(FIXTURES / "phi35_vision_tiny"), "--dtype", "float32", "--new-tokens", "2",
+                 "--prompt-tokens", "4", "--baseline", "transformers"]) == 2
+    assert "needs a text model" in capsys.readouterr().err
