@@ -136,3 +136,23 @@ def test_cancel_frees_the_slot(phi3, random_ids):
     engine.cancel(a)
     got = drain(engine)
     assert a not in got and got[b] == solo(phi3, random_ids[1, :10].tolist(), SamplingParams(max_new_tokens=5))
+
+
+def test_logits_processors_and_logprobs(phi3, random_ids):
+    """A processor that bans the greedy token changes the pick; logprobs are log_softmax of the final logits."""
+    ids = random_ids[0, :12].tolist()
+    greedy = solo(phi3, ids, SamplingParams(max_new_tokens=1))[0]
+
+    def ban(generated, logits):
+        return logits.index_fill(-1, torch.tensor([greedy]), float("-inf"))
+
+    engine = Engine(phi3, max_batch=1, max_context=32)
+    engine.add(Prompt(ids), SamplingParams(max_new_tokens=1), processors=[ban], logprobs=3)
+    (step,) = engine.step()
+    with torch.no_grad():
+        lp = torch.log_softmax(phi3(torch.tensor([ids]))[0, -1].float(), -1)
+    lp[greedy] = float("-inf")
+    lp = torch.log_softmax(lp, -1)
+    assert step.token != greedy and step.token == int(lp.argmax())
+    assert step.logprob == pytest.approx(float(lp.max()), abs=1e-4)
+    assert [t for t, _ in step.top_logprobs] == torch.topk(lp, 3).indices.tolist()

@@ -46,6 +46,8 @@ class Request:
     long: bool = False  # LongRoPE factors the cache was built with
     budget: int = 0
     sampler: object = None
+    processors: list = field(default_factory=list)  # fn(generated ids, logits (1, V)) -> logits, e.g. JSON mode
+    logprobs: int | None = None  # report the sampled token's log-probability and this many alternatives
 
     @property
     def n_generated(self) -> int:
@@ -91,14 +93,16 @@ class Engine:
 
     # ---- requests ----
     def add(self, prompt: Prompt, params: SamplingParams, stop_ids: frozenset[int] = frozenset(),
-            key: list | None = None) -> int:
-        """Queue a request; errors (empty or too long a prompt) come before any work. Returns its id."""
+            key: list | None = None, processors: list | None = None, logprobs: int | None = None) -> int:
+        """Queue a request; errors (empty or too long a prompt) come before any work. Returns its id.
+        processors: fn(generated ids, logits (1, V)) -> logits, applied in order before sampling."""
         if not prompt.ids:
             raise InputError("empty prompt: give at least one token")
         check_prompt_fits(len(prompt.ids), self.cfg, self.max_context)
         budget = min(params.max_new_tokens, self.max_context - len(prompt.ids))
         key = key if key is not None else (prompt.key if prompt.key is not None else prompt.ids)
-        req = Request(prompt, params, stop_ids, next(self._ids), list(prompt.ids), list(key), budget=budget)
+        req = Request(prompt, params, stop_ids, next(self._ids), list(prompt.ids), list(key), budget=budget,
+                      processors=list(processors or []), logprobs=logprobs)
         req.sampler = make_sampler(params, self.device)
         self.waiting.append(req)
         return req.id
@@ -227,7 +231,8 @@ class Engine:
         logits = self.model(tokens.to(self.device), pos=pos.to(self.device), cache=self.cache.rows(0, hi),
                             kv_len=kv_len, long_rope=long.to(self.device))[:, -1]
         out = []
-        greedy = [r for r in rows if r.params.temperature == 0 and r.params.repetition_penalty == 1.0]
+        greedy = [r for r in rows if r.params.temperature == 0 and r.params.repetition_penalty == 1.0
+                  and not r.processors and r.logprobs is None]
         if greedy:
             best = logits.argmax(dim=-1).tolist()  # one host sync for all greedy rows
             out += [self._finish(r, best[r.slot]) for r in greedy]
@@ -240,7 +245,16 @@ class Engine:
         logits = logits.float()[None]
         if req.params.repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, self.seen[req.slot:req.slot + 1], req.params.repetition_penalty)
-        return self._finish(req, int(req.sampler(logits)[0]))
+        for fn in req.processors:
+            logits = fn(req.seq[len(req.prompt.ids):], logits)
+        step = self._finish(req, int(req.sampler(logits)[0]))
+        if req.logprobs is not None:
+            lp = torch.log_softmax(logits[0], dim=-1)
+            step.logprob = float(lp[step.token])
+            if req.logprobs > 0:
+                top = torch.topk(lp, req.logprobs)
+                step.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+        return step
 
     def _finish(self, req: Request, token: int) -> Step:
         req.seq.append(token)

@@ -19,6 +19,8 @@ class Step:
     row: int
     token: int
     finish_reason: str | None = None
+    logprob: float | None = None  # log-probability of token, when the request asked for logprobs
+    top_logprobs: list[tuple[int, float]] | None = None  # the most likely alternatives, best first
 
 
 @dataclass
