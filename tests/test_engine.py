@@ -156,3 +156,11 @@ def test_logits_processors_and_logprobs(phi3, random_ids):
     assert step.token != greedy and step.token == int(lp.argmax())
     assert step.logprob == pytest.approx(float(lp.max()), abs=1e-4)
     assert [t for t, _ in step.top_logprobs] == torch.topk(lp, 3).indices.tolist()
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_the_same_tokens(phi3, random_ids):
+    ids = random_ids[1, :20].tolist()
+    engine = Engine(phi3, max_batch=1, max_context=48, compile=True)
+    engine.add(Prompt(ids), SamplingParams(max_new_tokens=12))
+    assert drain(engine)[0] == solo(phi3, ids, SamplingParams(max_new_tokens=12))

@@ -27,7 +27,8 @@ def random_prompts(batch: int, length: int, seed: int = 0) -> list[list[int]]:
     return torch.randint(FIRST_PLAIN_TOKEN, 32000, (batch, length), generator=g).tolist()
 
 
-def run_phi3v(model, prompts: list[list[int]], new_tokens: int, image=None, prefill_chunk: int | None = None) -> dict:
+def run_phi3v(model, prompts: list[list[int]], new_tokens: int, image=None, prefill_chunk: int | None = None,
+              compile: bool = False) -> dict:
     """One workload on a fresh engine: all prompts prefilled in one batch, then greedy decode to new_tokens."""
     from .engine import Engine
 
@@ -40,7 +41,8 @@ def run_phi3v(model, prompts: list[list[int]], new_tokens: int, image=None, pref
     else:
         prepared = [Prompt(p) for p in prompts]
     engine = Engine(model.model, max_batch=len(prompts), max_context=P + new_tokens,
-                    prefill_chunk=prefill_chunk or P, recompute_on_long_switch=model.recompute_on_long_switch)
+                    prefill_chunk=prefill_chunk or P, recompute_on_long_switch=model.recompute_on_long_switch,
+                    compile=compile)
     for p in prepared:
         engine.add(p, SamplingParams(max_new_tokens=new_tokens))
     first = None
@@ -84,11 +86,11 @@ def bench(args) -> dict:
     torch.manual_seed(0)
     model = load(args.model, dtype=args.dtype, quantize=args.quantize)
     prompts = random_prompts(args.batch, args.prompt_tokens)
-    run_phi3v(model, random_prompts(args.batch, 8, seed=1), 4, prefill_chunk=8)  # warm-up
-    ours = run_phi3v(model, prompts, args.new_tokens, args.image)
+    run_phi3v(model, random_prompts(args.batch, 8, seed=1), 4, prefill_chunk=8, compile=args.compile)  # warm-up
+    ours = run_phi3v(model, prompts, args.new_tokens, args.image, compile=args.compile)
     ours["peak_rss_mib"] = peak_rss_mib()
     result = {"model": str(model.path), "dtype": str(next(model.model.parameters()).dtype).removeprefix("torch."),
-              "quantize": args.quantize, "threads": torch.get_num_threads(), "phi3v": ours}
+              "quantize": args.quantize, "compile": args.compile, "threads": torch.get_num_threads(), "phi3v": ours}
     if args.baseline == "transformers":
         if model.is_vision or args.image:
             raise Phi3VError("--baseline transformers needs a text model (Phi-3-vision needs remote code there)")
@@ -132,6 +134,7 @@ def register(sub) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--image", default=None, help="time an image prompt (vision models): TTFT includes the image")
     p.add_argument("--baseline", choices=["transformers"], default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
