@@ -21,7 +21,7 @@ def _sampling(args) -> dict:
 def _load(args):
     from .api import load
 
-    model = load(args.model, dtype=args.dtype, device=args.device)
+    model = load(args.model, dtype=args.dtype, device=args.device, quantize=getattr(args, "quantize", None))
     if model.is_random:
         sys.stderr.write(RANDOM_NOTE.format(path=model.path))
     return model
@@ -154,6 +154,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder or a repo id in the local HF cache")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization at load time")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--image", action="append", help="image file (repeatable; Phi-3(.5)-vision models)")
     p.add_argument("--num-crops", type=int, default=None, help="HD crops per image (default: preprocessor_config)")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 UPCAST_MIN_ROWS = 64  # from this many rows on, float32 GEMM (weight upcast on the fly) beats emulated bf16
+UPCAST_BLOCK = 1024  # output rows upcast at once (3072 inputs: 12 MB of float32)
 
 
 @functools.cache
@@ -45,8 +46,12 @@ class BF16Linear(nn.Linear):
                 y = y + self.bias
             return y.view(*x.shape[:-1], -1)
         if rows >= UPCAST_MIN_ROWS:
+            # upcast the weight a block of output rows at a time: a transient copy of a few MB, not of the layer
+            x32 = x.float()
             bias = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+            out = [F.linear(x32, w.float(), None if bias is None else bias[i:i + len(w)])
+                   for i, w in zip(range(0, self.out_features, UPCAST_BLOCK), self.weight.split(UPCAST_BLOCK))]
+            return torch.cat(out, dim=-1).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
 
