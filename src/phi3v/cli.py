@@ -192,9 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16")
     p.set_defaults(func=cmd_create_random)
 
-    from . import bench
+    from . import bench, quantize, server
 
     bench.register(sub)
+    quantize.register(sub)
+    server.register(sub)
 
     p = sub.add_parser("demo", help="the Quick start: a random checkpoint and a first generation")
     p.add_argument("--out", default="checkpoints/random-phi3.5-vision")

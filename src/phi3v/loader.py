@@ -197,9 +197,15 @@ def load_causal_lm(model_dir: Path, cfg: Phi3Config, dtype: torch.dtype = torch.
     """Build the model on the meta device and load the checkpoint's weights into it strictly."""
     with torch.device("meta"):
         model = build_model(cfg, raw)
+    quantized = raw is not None and "quantization" in raw
+    if quantized:  # empty quantized modules, named as the checkpoint's tensors, before the strict load
+        from .quantize import pack_for_kernels, quantize_from_spec
+
+        quantize_from_spec(model, raw["quantization"])
     state = type(model).sanitize(cfg, read_state_dict(model_dir))
     if cfg.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     load_into(model, state, dtype, model_dir)
     model.rotary = type(model.rotary)(cfg)  # non-persistent buffers are rebuilt, not loaded
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    return pack_for_kernels(model) if quantized else model  # kernel layouts are device specific: built here

@@ -1,0 +1,362 @@
+"""Weight-only int8 / int4 quantization, swapped in from outside the model (gpt-fast's `WeightOnlyInt8Linear` style).
+
+`quantize_model` replaces linear layers (and PhiMoE's stacked experts) in place and returns the spec that
+`save_quantized` writes to config.json as "quantization"; `loader.load_causal_lm` reads that spec back, builds the same
+empty modules on the meta device before its strict load and calls `pack_for_kernels` after it.
+
+Notation: N out features, K in features, G group size, M activation rows, E experts.
+Checkpoint layout (device independent; the kernels' own layouts are built after loading, by `pack_for_kernels`):
+  int8    `{name}.weight` int8 (N, K), `{name}.scales` (N,)                          w = weight * scales
+  int4    `{name}.weight` uint8 (N, K/2): k = 2j in the low nibble of byte j, 2j+1 in the high one,
+          `{name}.scales_and_zeros` (K/G, N, 2)                                       w = (q - 8) * scale + zero
+  experts `experts.w1` int8 (E, I, C), `experts.w1_scales` (E, I); the same for w2, w3 (int8 under both schemes)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import config_from_dict, read_json
+from .errors import CheckpointError, InputError
+from .loader import (
+    load_causal_lm,
+    parse_dtype,
+    resolve_model_dir,
+    save_safetensors,
+    weight_files,
+)
+from .model import Experts
+
+SCHEMES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+INT4_N_MULTIPLE = 16  # the CPU int4 kernel packs output channels in blocks of 16 (CUDA's needs 8)
+SMALL_M = 4  # CPU kernels other than bf16 are scalar loops (CUDA's int8 one is a thread per output): decode sizes only
+VISION = "model.vision_embed_tokens."
+ROUTER = "block_sparse_moe.gate"  # PhiMoE's router stays in float: 16 outputs that decide the top-2 experts
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., K) -> contiguous (M, K) starting on a 64-byte boundary (the CPU bf16 int8 kernel's aligned loads)."""
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    return x2d if x2d.data_ptr() % 64 == 0 else x2d.clone()
+
+
+def _int8_op_ok(x2d: torch.Tensor, w: torch.Tensor) -> bool:
+    if x2d.shape[0] == 0 or x2d.device != w.device:
+        return False
+    if x2d.device.type == "cpu" and x2d.dtype == torch.bfloat16:
+        # the AVX512 kernel loads 16 values at a time along K from 32/16-byte aligned addresses
+        return x2d.shape[1] % 16 == 0 and x2d.data_ptr() % 64 == 0 and w.data_ptr() % 64 == 0
+    return x2d.device.type in ("cpu", "cuda") and x2d.shape[0] <= SMALL_M
+
+
+def int8_matmul(x2d: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(M, K) @ (weight * scales[:, None]).T in x's dtype: the int8 kernel where it applies, else a plain matmul."""
+    s = scales.to(x2d.dtype)
+    if _int8_op_ok(x2d, weight):
+        return torch.ops.aten._weight_int8pack_mm(x2d, weight, s)
+    return F.linear(x2d, weight.to(x2d.dtype)) * s  # int8 values are exact in bf16/fp16/fp32
+
+
+def quantize_int8(w: torch.Tensor, dtype: torch.dtype):
+    """Symmetric per output channel (last dim reduced): (..., N, K) -> int8 (..., N, K), scales (..., N) of dtype."""
+    w = w.float()
+    scales = (w.abs().amax(-1) / 127).to(dtype).clamp(min=torch.finfo(dtype).tiny)
+    q = (w / scales.float()[..., None]).round().clamp(-128, 127)  # against the stored (rounded) scales
+    return q.to(torch.int8), scales
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype):
+    """Asymmetric per group of K (gpt-fast): (N, K) -> uint8 (N, K/2), scales_and_zeros (K/G, N, 2) of dtype."""
+    N, K = w.shape
+    g = w.float().reshape(N, K // group_size, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).to(dtype).clamp(min=torch.finfo(dtype).tiny)
+    zero = (lo + 8 * scale.float()).to(dtype)  # so that q = 0 is the group's minimum
+    q = ((g - zero.float()[..., None]) / scale.float()[..., None] + 8).round().clamp(0, 15).to(torch.uint8)
+    q = q.reshape(N, K)
+    return q[:, 0::2] | (q[:, 1::2] << 4), torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+
+
+def unpack_int4(weight: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, K/2) two per byte -> uint8 (N, K) values 0..15."""
+    return torch.stack([weight & 15, weight >> 4], dim=-1).reshape(weight.shape[0], -1)
+
+
+def dequantize_int4(weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    q = unpack_int4(weight).float()
+    N, K = q.shape
+    s, z = scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (N, K/G) each
+    return ((q.view(N, -1, group_size) - 8) * s[..., None] + z[..., None]).view(N, K)
+
+
+def _expect(t: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    if t.dtype != dtype:
+        raise CheckpointError(f"{what} is {t.dtype}, not {dtype}: the checkpoint's weights do not match the "
+                              "quantization entry of its config.json; re-create it with `phi3v quantize`")
+
+
+class QuantizedLinear(nn.Module):
+    """What the int8 and int4 layers share: sizes, an optional float bias, building from an nn.Linear, forward."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype, device):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, **kw):
+        """Quantize lin's weight (an empty module when lin is on the meta device)."""
+        w = lin.weight
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, dtype=w.dtype, device=w.device, **kw)
+        if not w.is_meta:
+            m.set_weight(w.detach())
+            m.bias = None if lin.bias is None else lin.bias.detach()
+            m.pack()
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(_rows(x)).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class WeightOnlyInt8Linear(QuantizedLinear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.bfloat16, device=None):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+
+    def set_weight(self, w: torch.Tensor) -> None:
+        self.weight, self.scales = quantize_int8(w, w.dtype)
+
+    def pack(self) -> None:
+        """The CPU bf16 kernel needs the weight on a 64-byte boundary; a memory-mapped tensor may not be."""
+        _expect(self.weight, torch.int8, "an int8 layer's weight")
+        if self.weight.data_ptr() % 64 or not self.weight.is_contiguous():
+            self.weight = self.weight.clone(memory_format=torch.contiguous_format)
+
+    def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        return int8_matmul(x2d, self.weight, self.scales)
+
+
+class WeightOnlyInt4Linear(QuantizedLinear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.bfloat16, device=None,
+                 group_size: int = 128):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.group_size = group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // group_size, out_features, 2, dtype=dtype,
+                                                             device=device))
+        self.register_buffer("packed", None, persistent=False)  # the kernel's layout, made by pack()
+        self.packed_for = None  # the device type that layout is for
+
+    @staticmethod
+    def fits(lin: nn.Linear, group_size: int) -> bool:
+        return lin.in_features % group_size == 0 and lin.out_features % INT4_N_MULTIPLE == 0
+
+    def set_weight(self, w: torch.Tensor) -> None:
+        self.weight, self.scales_and_zeros = quantize_int4(w, self.group_size, w.dtype)
+
+    def pack(self) -> None:
+        """Lay the weight out for the int4 kernel of the device it is on (a device-specific layout)."""
+        _expect(self.weight, torch.uint8, "an int4 layer's weight")
+        q, kind = unpack_int4(self.weight), self.weight.device.type
+        if kind == "cpu":
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+        elif kind == "cuda":  # tinygemm: uint8 (N, K/2) with k = 2j in the high nibble
+            tiles = next(t for t in (8, 4, 2) if self.in_features % (t * 16) == 0)
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(q[:, 0::2] << 4 | q[:, 1::2], tiles)
+        else:
+            return
+        self.packed_for = kind
+
+    def _op_ok(self, x2d: torch.Tensor) -> bool:
+        if self.packed is None or x2d.shape[0] == 0 or self.packed.device != x2d.device:
+            return False
+        if x2d.device.type == "cuda":
+            return self.packed_for == "cuda" and x2d.dtype == torch.bfloat16
+        return self.packed_for == "cpu" and (x2d.dtype == torch.bfloat16 or x2d.shape[0] <= SMALL_M)
+
+    def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self._op_ok(x2d):
+            op = (torch.ops.aten._weight_int4pack_mm_for_cpu if x2d.device.type == "cpu"
+                  else torch.ops.aten._weight_int4pack_mm)
+            return op(x2d, self.packed, self.group_size, self.scales_and_zeros.to(x2d.dtype))
+        return F.linear(x2d, dequantize_int4(self.weight, self.scales_and_zeros, self.group_size).to(x2d.dtype))
+
+
+class Int8Experts(nn.Module):
+    """PhiMoE's stacked experts with int8 weights per expert and output channel; the forward contract of Experts."""
+
+    NAMES = ("w1", "w2", "w3")
+
+    def __init__(self, shapes: dict[str, tuple[int, int, int]], dtype=torch.bfloat16, device=None):
+        super().__init__()
+        for name, shape in shapes.items():  # w1, w3 (E, I, C); w2 (E, C, I)
+            self.register_buffer(name, torch.empty(shape, dtype=torch.int8, device=device))
+            self.register_buffer(f"{name}_scales", torch.empty(shape[:2], dtype=dtype, device=device))
+
+    @classmethod
+    def from_experts(cls, experts: Experts) -> Int8Experts:
+        w1 = experts.w1
+        m = cls({n: tuple(getattr(experts, n).shape) for n in cls.NAMES}, w1.dtype, w1.device)
+        if not w1.is_meta:
+            for n in cls.NAMES:
+                q, s = quantize_int8(getattr(experts, n).detach(), w1.dtype)
+                setattr(m, n, q)
+                setattr(m, f"{n}_scales", s)
+        return m
+
+    def pack(self) -> None:
+        for n in self.NAMES:
+            _expect(getattr(self, n), torch.int8, f"experts.{n}")
+            if getattr(self, n).data_ptr() % 64:
+                setattr(self, n, getattr(self, n).clone())
+
+    def _linear(self, h, name: str, e: int):
+        return int8_matmul(h, getattr(self, name)[e], getattr(self, f"{name}_scales")[e])
+
+    def forward(self, x, weights, experts):
+        # as Experts.forward: x (N, C); weights, experts (N, k); tokens grouped by expert
+        out = torch.zeros_like(x)
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
+        token = order // experts.shape[1]
+        w = weights.flatten()[order]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            t = token[start:start + n]
+            h = x[t]
+            h = self._linear(F.silu(self._linear(h, "w1", e)) * self._linear(h, "w3", e), "w2", e)
+            out.index_add_(0, t, (h * w[start:start + n, None]).to(out.dtype))
+            start += n
+        return out
+
+
+QUANTIZED = (WeightOnlyInt8Linear, WeightOnlyInt4Linear, Int8Experts)
+
+
+def check_scheme(scheme, group_size) -> None:
+    if scheme not in SCHEMES:
+        raise InputError(f"unknown quantization scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+    if scheme == "int4" and group_size not in GROUP_SIZES:
+        raise InputError(f"int4 group size {group_size!r} is not one of {', '.join(map(str, GROUP_SIZES))}")
+
+
+def quantize_model(model: nn.Module, scheme: str = "int8", group_size: int = 128, include_vision: bool = True,
+                   skip=()) -> dict:
+    """Swap the decoder's linear layers (the router excepted), PhiMoE's experts and, with include_vision, the CLIP
+    tower's and img_projection's linears for quantized ones, in place; return the config.json spec. Layers named
+    in `skip` or whose shape the int4 kernels cannot take stay as they are (listed in the spec's "skipped").
+    On the meta device the new modules are empty: a quantized checkpoint is strictly loaded into them."""
+    check_scheme(scheme, group_size)
+    if any(isinstance(m, QUANTIZED) for m in model.modules()):
+        raise InputError("the model is already quantized; quantize the float checkpoint instead")
+    skipped, has_experts = [], False
+    for name, m in list(model.named_modules()):
+        if isinstance(m, Experts):
+            new, has_experts = Int8Experts.from_experts(m), True
+        elif not isinstance(m, nn.Linear) or name.endswith(ROUTER) or (not include_vision and name.startswith(VISION)):
+            continue
+        elif name in skip or (scheme == "int4" and not WeightOnlyInt4Linear.fits(m, group_size)):
+            skipped.append(name)
+            continue
+        else:
+            new = (WeightOnlyInt8Linear.from_linear(m) if scheme == "int8"
+                   else WeightOnlyInt4Linear.from_linear(m, group_size=group_size))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    spec = {"scheme": scheme, "group_size": group_size if scheme == "int4" else None,
+            "include_vision": include_vision, "skipped": skipped}
+    if has_experts:
+        spec["experts"] = "int8"
+    return spec
+
+
+def quantize_from_spec(model: nn.Module, spec) -> dict:
+    """Apply config.json's "quantization" entry to a model built on the meta device (before a strict load)."""
+    try:
+        if not isinstance(spec, dict):
+            raise InputError(f"{spec!r} is not a dict with a scheme")
+        check_scheme(spec.get("scheme"), spec.get("group_size"))
+    except InputError as e:
+        raise CheckpointError(f"config.json quantization entry: {e}. Re-create the folder with `phi3v quantize`") from e
+    return quantize_model(model, spec["scheme"], spec.get("group_size"), spec.get("include_vision", True),
+                          set(spec.get("skipped") or ()))
+
+
+def pack_for_kernels(model: nn.Module) -> nn.Module:
+    """Build the quantized layers' kernel layouts on their current device (after loading or moving the model)."""
+    for m in model.modules():
+        if isinstance(m, QUANTIZED) and not next(m.buffers()).is_meta:
+            m.pack()
+    return model
+
+
+def save_quantized(model: nn.Module, spec: dict, src_dir, out_dir) -> Path:
+    """Write the quantized weights under the model's own names, config.json of src_dir with the "quantization"
+    entry, and src_dir's tokenizer/processor files. Weight files already in out_dir are replaced."""
+    from .random_checkpoint import TOKENIZER_FILES
+
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    if out_dir.resolve() == src_dir.resolve():
+        raise InputError(f"write the quantized checkpoint to a new folder, not over its source {src_dir}")
+    raw = read_json(src_dir / "config.json", "config.json")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in [*out_dir.glob("*.safetensors"), out_dir / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)
+    save_safetensors(model.state_dict(), out_dir)
+    raw["quantization"] = spec
+    raw["torch_dtype"] = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    (out_dir / "config.json").write_text(json.dumps(raw, indent=2))
+    for name in TOKENIZER_FILES:
+        if (src_dir / name).is_file():
+            shutil.copyfile(src_dir / name, out_dir / name)
+    return out_dir
+
+
+def quantize_checkpoint(model_dir, out_dir, scheme: str = "int8", group_size: int = 128, include_vision: bool = True,
+                        dtype: str = "bfloat16") -> dict:
+    """Load a float checkpoint in dtype, quantize it and write it to out_dir; return the spec."""
+    check_scheme(scheme, group_size)
+    src = resolve_model_dir(model_dir)
+    raw = read_json(src / "config.json", "config.json")
+    if "quantization" in raw:
+        raise CheckpointError(f"{src} is already quantized ({raw['quantization']}); quantize the float checkpoint")
+    model = load_causal_lm(src, config_from_dict(raw), parse_dtype(dtype), raw=raw)
+    spec = quantize_model(model, scheme, group_size, include_vision)
+    save_quantized(model, spec, src, out_dir)
+    return spec
+
+
+def cmd_quantize(args) -> None:
+    spec = quantize_checkpoint(args.model, args.out, args.scheme, args.group_size, not args.no_vision, args.dtype)
+    dirs = (resolve_model_dir(args.model), Path(args.out))
+    before, after = (sum(f.stat().st_size for f in weight_files(d)) for d in dirs)
+    group = f", group size {spec['group_size']}" if spec["group_size"] else ""
+    print(f"wrote a weight-only {spec['scheme']}{group} checkpoint to {args.out}: weights "
+          f"{before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB ({after / before:.2f}x)")
+    if spec["skipped"]:
+        print(f"left in {args.dtype} ({len(spec['skipped'])} layers whose shape the kernels cannot take): "
+              + ", ".join(spec["skipped"]))
+
+
+def register(subparsers) -> None:
+    """Add `phi3v quantize` to the CLI's subparsers."""
+    p = subparsers.add_parser("quantize", help="write a weight-only int8/int4 copy of a checkpoint")
+    p.add_argument("--model", required=True, help="float checkpoint folder (or a repo id in the local HF cache)")
+    p.add_argument("--out", required=True, help="folder for the quantized checkpoint")
+    p.add_argument("--scheme", choices=SCHEMES, default="int8")
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=128, help="int4 only")
+    p.add_argument("--no-vision", action="store_true", help="keep the CLIP tower and img_projection in float")
+    p.add_argument("--dtype", default="bfloat16", help="dtype of scales, biases and unquantized weights")
+    p.set_defaults(func=cmd_quantize)

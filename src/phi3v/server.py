@@ -1,0 +1,533 @@
+"""`phi3v serve`: an OpenAI-compatible HTTP server (and a web chat page) on the continuous-batching Engine.
+
+One background thread owns the engine and steps it while there is work. Requests reach it through a thread-safe
+inbox; their tokens come back to the asyncio side with `loop.call_soon_threadsafe` into per-request asyncio queues.
+Prompts (and images, through the vision tower) are prepared on one more thread, so decoding never waits for them.
+"""
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .api import TextRow
+from .engine import Engine
+from .errors import InputError
+from .generate import Prompt
+from .image_processing import DEFAULT_MAX_PIXELS
+from .sampling import SamplingParams
+from .server_schemas import APIError, ChatRequest, CompletionRequest, Out, Reply, chat_messages, \
+    load_request_image, token_labels
+
+STATIC = Path(__file__).resolve().parent / "static"
+IDLE_POLL_S = 0.5  # how often an idle engine thread wakes to check for shutdown
+API_KEY_ENV = "PHI3V_API_KEY"
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+
+
+@dataclass
+class Settings:
+    """What the operator sets with `phi3v serve` flags."""
+
+    max_batch: int = 8
+    max_context: int = 4096
+    api_key: str | None = None
+    allow_dirs: tuple[Path, ...] = ()  # file:// image URLs are served from these folders only
+    max_queue: int = 64  # engine requests waiting for a slot; more answer 429
+    max_images: int = 8
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_tokens_limit: int = 4096
+    model_name: str | None = None  # default: the checkpoint folder's name
+    shutdown_grace_s: float = 5.0  # in-flight requests get this long to finish at shutdown
+    max_body_bytes: int = 64 << 20  # larger request bodies (base64 images included) answer 413
+
+
+# --------------------------------------------------------------------------- the engine thread
+
+@dataclass
+class Job:
+    prompt: Prompt
+    params: list[SamplingParams]  # one per choice
+    stop_ids: frozenset[int]
+    processors: list[list]  # per choice
+    logprobs: int | None
+    sink: object  # fn(list[Out] | Exception), called on the engine thread
+    ticket: int = 0
+    rows: dict = field(default_factory=dict)  # engine request id -> (choice index, TextRow)
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Worker:
+    """Owns the engine: adds, steps and cancels on its own thread; everything else talks to it through the inbox."""
+
+    def __init__(self, model, engine: Engine, max_queue: int):
+        self.model, self.engine, self.max_queue = model, engine, max_queue
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.jobs: dict[int, Job] = {}
+        self.lock = threading.Lock()
+        self.in_inbox = self.waiting = 0  # engine requests not yet added / added but waiting for a slot
+        self.running = 0
+        self.generated = 0
+        self._tickets = 0
+        self._thread = threading.Thread(target=self._run, name="phi3v-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> int:
+        """Queue a job; raises QueueFull when the waiting requests would exceed max_queue."""
+        with self.lock:
+            if self.in_inbox + self.waiting + len(job.params) > self.max_queue:
+                raise QueueFull
+            self.in_inbox += len(job.params)
+            self._tickets += 1
+            job.ticket = self._tickets
+        self.inbox.put(("add", job))
+        return job.ticket
+
+    def cancel(self, ticket: int) -> None:
+        self.inbox.put(("cancel", ticket))
+
+    def stop(self) -> None:
+        """Cancel what is left and end the thread."""
+        self.inbox.put(("stop", None))
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            try:  # wait for work while idle; otherwise only pick up what is there
+                busy = self.engine.has_work()
+                msgs = [self.inbox.get_nowait() if busy else self.inbox.get(timeout=IDLE_POLL_S)]
+            except queue.Empty:
+                msgs = []
+            while True:  # everything queued so far, without blocking
+                try:
+                    msgs.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for kind, arg in msgs:
+                if kind == "stop":
+                    for ticket in list(self.jobs):
+                        self._cancel(ticket)
+                    return
+                self._add(arg) if kind == "add" else self._cancel(arg)
+            if self.engine.has_work():
+                try:
+                    self._dispatch(self.engine.step())
+                except Exception as e:  # a bug, not a bad request: fail what is running, keep serving
+                    for ticket, job in list(self.jobs.items()):
+                        job.sink(e)
+                        self._cancel(ticket)
+            with self.lock:
+                self.waiting, self.running = len(self.engine.waiting), len(self.engine.running)
+
+    def _add(self, job: Job) -> None:
+        try:
+            for i, (params, procs) in enumerate(zip(job.params, job.processors)):
+                rid = self.engine.add(job.prompt, params, job.stop_ids, processors=procs, logprobs=job.logprobs)
+                job.rows[rid] = (i, TextRow(self.model.tokenizer, params.stop))
+            self.jobs[job.ticket] = job
+        except Exception as e:  # the handler checked the prompt: this is unexpected
+            job.sink(e)
+            for rid in job.rows:
+                self.engine.cancel(rid)
+        finally:
+            with self.lock:
+                self.in_inbox -= len(job.params)
+                self.waiting = len(self.engine.waiting)
+
+    def _cancel(self, ticket: int) -> None:
+        job = self.jobs.pop(ticket, None)
+        for rid in job.rows if job else ():
+            self.engine.cancel(rid)
+
+    def _dispatch(self, steps) -> None:
+        owner = {rid: job for job in self.jobs.values() for rid in job.rows}
+        batches: dict[int, list[Out]] = {}
+        for s in steps:
+            job = owner.get(s.row)
+            if job is None or s.row not in job.rows:
+                continue
+            index, row = job.rows[s.row]
+            if s.token < 0:  # no room for any token
+                delta, row.finish_reason = "", s.finish_reason
+            else:
+                delta = row.push(s.token, s.finish_reason, job.stop_ids)
+                self.generated += 1
+            if row.finish_reason is not None:
+                if s.finish_reason is None:  # a stop string ended it: free the slot now
+                    self.engine.cancel(s.row)
+                del job.rows[s.row]
+            batches.setdefault(job.ticket, []).append(
+                Out(index, delta, s.token, row.finish_reason, s.logprob, s.top_logprobs, len(row.token_ids)))
+        for ticket, outs in batches.items():
+            job = self.jobs[ticket]
+            job.sink(outs)
+            if not job.rows:
+                del self.jobs[ticket]
+
+
+# --------------------------------------------------------------------------- the app
+
+class Service:
+    """Everything one app serves with: the model, its engine and worker, the prepare thread, counters."""
+
+    def __init__(self, model, settings: Settings):
+        self.model, self.settings = model, settings
+        self.name = settings.model_name or Path(model.path).name
+        self.engine = Engine(model.model, settings.max_batch, settings.max_context,
+                             recompute_on_long_switch=model.recompute_on_long_switch)
+        self.worker = Worker(model, self.engine, settings.max_queue)
+        self.prep = ThreadPoolExecutor(1, thread_name_prefix="phi3v-prepare")  # images, CLIP, tokenizing
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.counts: Counter = Counter()  # (route, status) -> responses
+        self.prompt_tokens = 0
+        self._json_vocab = None
+        labels = token_labels(model.tokenizer)
+        self.label = lambda t: labels[t] if 0 <= t < len(labels) else ("", b"")
+
+    def json_vocab(self):
+        if self._json_vocab is None:
+            from .json_mode import JsonVocab
+
+            self._json_vocab = JsonVocab(self.model.tokenizer, self.model.config.vocab_size)
+        return self._json_vocab
+
+    async def run(self, fn, *args):
+        """fn(*args) on the prepare thread; phi3v input errors become 400s."""
+        try:
+            return await self.loop.run_in_executor(self.prep, fn, *args)
+        except InputError as e:
+            raise APIError(400, str(e), "messages" if "image" in str(e) else None) from e
+
+    def check(self, body) -> None:
+        """What can be refused before any work: an unknown model, too many tokens asked for."""
+        if body.model not in (self.name, str(self.model.path)):
+            raise APIError(404, f"model {body.model!r} is not served here; this server serves {self.name!r} "
+                                "(see GET /v1/models)", "model", "model_not_found")
+        asked, limit = body.requested_tokens(), self.settings.max_tokens_limit
+        if asked is not None and asked > limit:
+            raise APIError(400, f"max_tokens={asked} is over this server's limit of {limit}", "max_tokens")
+
+    def job(self, prompt: Prompt, body, logprobs: int | None, json_mode: bool, sink) -> Job:
+        budget = min(body.requested_tokens() or self.settings.max_tokens_limit,
+                     self.engine.max_context - len(prompt.ids))
+        params = body.sampling_params(budget)
+        procs = [[self.json_vocab().processor(budget)] if json_mode else [] for _ in params]
+        stop_ids = frozenset() if body.ignore_eos else self.model.tokenizer.stop_token_ids
+        return Job(prompt, params, stop_ids, procs, logprobs, sink)
+
+    def submit(self, prompt: Prompt, body, logprobs: int | None, json_mode: bool):
+        """Hand a job to the engine thread (429 when the queue is full); returns its ticket and its asyncio queue."""
+        q: asyncio.Queue = asyncio.Queue()
+        loop = self.loop
+
+        def sink(item):  # called on the engine thread
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+        try:
+            ticket = self.worker.submit(self.job(prompt, body, logprobs, json_mode, sink))
+        except QueueFull:
+            raise APIError(429, f"the server is busy: {self.settings.max_queue} requests are already waiting; "
+                                "retry later", None, "queue_full") from None
+        self.prompt_tokens += len(prompt.ids)
+        return ticket, q
+
+    async def batches(self, ticket: int, q: asyncio.Queue, n: int, request):
+        """Lists of Out as the engine thread sends them, until n choices have finished; the job is cancelled
+        at once if the client disconnects or the consumer stops early."""
+        gone = asyncio.ensure_future(_disconnected(request))
+        left = n
+        try:
+            while left:
+                get = asyncio.ensure_future(q.get())
+                await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    return
+                item = get.result()
+                if isinstance(item, Exception):
+                    raise APIError(500, f"generation failed: {item!r}") from item
+                left -= sum(o.finish_reason is not None for o in item)
+                yield item
+        finally:
+            gone.cancel()
+            if left:
+                self.worker.cancel(ticket)
+
+    async def respond(self, request, body, prompt: Prompt, kind: str, logprobs: int | None, json_mode=False):
+        """The response to a checked request: the whole object, or a stream of server-sent events."""
+        from fastapi.responses import StreamingResponse
+
+        ticket, q = self.submit(prompt, body, logprobs, json_mode)
+        reply = Reply(kind, self.name, self.label, body.n, len(prompt.ids), logprobs is not None)
+        batches = self.batches(ticket, q, body.n, request)
+        if not body.stream:
+            return await reply.complete(batches)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(reply.stream(batches, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _disconnected(request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(model, settings: Settings | None = None):
+    """The FastAPI app serving `model` (a loaded phi3v.api.Phi3Model) with `settings`."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+    from pydantic import ValidationError
+    from starlette.exceptions import HTTPException
+
+    settings = settings or Settings()
+    svc = Service(model, settings)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        svc.loop = asyncio.get_running_loop()
+        svc.worker.start()
+        yield
+        # uvicorn has stopped accepting and given open requests shutdown_grace_s to finish: cancel what is left
+        svc.worker.stop()
+        svc.prep.shutdown(wait=False)
+
+    app = FastAPI(title="phi3v", lifespan=lifespan)
+    app.state.service = svc
+
+    def error(e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    app.add_exception_handler(APIError, lambda req, e: error(e))
+    app.add_exception_handler(HTTPException, lambda req, e: error(APIError(
+        e.status_code, f"no route {req.method} {req.url.path}" if e.status_code in (404, 405) else str(e.detail),
+        code="not_found" if e.status_code == 404 else None)))
+    app.add_exception_handler(RequestValidationError, lambda req, e: error(APIError(400, str(e))))
+    app.add_exception_handler(Exception, lambda req, e: error(APIError(500, f"internal error: {e!r}")))
+
+    def authorize(request: Request) -> None:
+        if not settings.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer "):
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer KEY'", code="invalid_api_key")
+        if not hmac.compare_digest(header[7:].strip().encode(), settings.api_key.encode()):
+            raise APIError(401, "invalid API key", code="invalid_api_key")
+
+    async def parse(request: Request, schema):
+        authorize(request)
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON ({e})") from e
+        try:
+            body = schema.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            param = ".".join(str(x) for x in first["loc"])
+            raise APIError(400, f"invalid request: {param}: {first['msg']} ({e.error_count()} error(s))", param) \
+                from e
+        svc.check(body)
+        return body
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": svc.name}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [{"id": svc.name, "object": "model", "created": 0, "owned_by": "phi3v",
+                                            "max_model_len": svc.engine.max_context}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        st, w = svc.engine.stats, svc.worker
+        lines = [
+            ("phi3v_queue_length", "gauge", "Requests waiting for a cache slot.", w.waiting + w.in_inbox),
+            ("phi3v_running_requests", "gauge", "Requests holding a cache slot.", w.running),
+            ("phi3v_prompt_tokens_total", "counter", "Prompt tokens of accepted requests.", svc.prompt_tokens),
+            ("phi3v_generation_tokens_total", "counter", "Tokens generated.", w.generated),
+            ("phi3v_prefill_tokens_per_second", "gauge", "Prefill throughput while prefilling.",
+             st.prefill_tokens / st.prefill_s if st.prefill_s else 0.0),
+            ("phi3v_decode_tokens_per_second", "gauge", "Decode throughput while decoding.",
+             st.decode_tokens / st.decode_s if st.decode_s else 0.0),
+        ]
+        text = "".join(f"# HELP {n} {h}\n# TYPE {n} {t}\n{n} {v}\n" for n, t, h, v in lines)
+        text += "# HELP phi3v_requests_total Responses by route and status code.\n# TYPE phi3v_requests_total counter\n"
+        text += "".join(f'phi3v_requests_total{{route="{r}",code="{c}"}} {k}\n'
+                        for (r, c), k in sorted(svc.counts.items()))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.get("/")
+    async def index():
+        return FileResponse(STATIC / "index.html")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await parse(request, ChatRequest)
+        messages, n_images = chat_messages(body.messages)
+        if n_images > settings.max_images:
+            raise APIError(400, f"{n_images} images in one request, over this server's limit of "
+                                f"{settings.max_images}", "messages", "too_many_images")
+        if n_images and not model.is_vision:
+            raise APIError(400, f"{svc.name} is a text model: it cannot take images", "messages")
+        json_mode = body.response_format is not None and body.response_format.type == "json_object"
+        if json_mode:
+            await svc.run(svc.json_vocab)  # built once, off the event loop
+
+        def prepare():
+            for m in messages:
+                if "images" in m:
+                    m["images"] = [load_request_image(u, settings.allow_dirs, settings.max_image_pixels)
+                                   for u in m["images"]]
+            return model.prepare(messages, max_context=svc.engine.max_context)
+
+        prompt = await svc.run(prepare)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        return await svc.respond(request, body, prompt, "chat", logprobs, json_mode)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await parse(request, CompletionRequest)
+        text = body.prompt
+        if isinstance(text, list):
+            if len(text) != 1:
+                raise APIError(400, "send one prompt per request (prompt as a string)", "prompt")
+            text = text[0]
+        if body.echo or body.suffix:
+            raise APIError(400, "echo and suffix are not supported", "echo" if body.echo else "suffix")
+        prompt = await svc.run(lambda: model.prepare(text, raw=True, max_context=svc.engine.max_context))
+        return await svc.respond(request, body, prompt, "completion", body.logprobs)
+
+    app.add_middleware(_Guard, service=svc)
+    return app
+
+
+class _Guard:
+    """ASGI middleware: refuses bodies over max_body_bytes with 413, counts responses by route and status."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.svc = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        size = dict(scope["headers"]).get(b"content-length")
+        limit = self.svc.settings.max_body_bytes
+        if size is not None and size.isdigit() and int(size) > limit:
+            body = APIError(413, f"request body of {int(size)} bytes is over this server's limit of {limit}",
+                            code="request_too_large").body()
+            self.svc.counts[(route, 413)] += 1
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+            return
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.svc.counts[(route, message["status"])] += 1
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
+# --------------------------------------------------------------------------- running it
+
+@contextmanager
+def running(app, host: str = "127.0.0.1", port: int = 0):
+    """Serve `app` (from create_app) with uvicorn on a background thread; yields the base URL (port 0: a free
+    port). On exit, open requests get the settings' shutdown_grace_s to finish, then are cancelled."""
+    import socket
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    grace_s = app.state.service.settings.shutdown_grace_s
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=grace_s))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server thread died while starting (see its log above)")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join()
+        sock.close()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from .api import load
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if not api_key and not _is_loopback(args.host):
+        print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use the "
+              f"model. Pass --api-key or set {API_KEY_ENV}.", file=sys.stderr)
+    model = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    settings = Settings(max_batch=args.max_batch, max_context=args.max_context, api_key=api_key,
+                        allow_dirs=tuple(Path(d).resolve() for d in args.allow_dir or []), max_queue=args.max_queue,
+                        max_images=args.max_images, max_image_pixels=args.max_image_pixels,
+                        max_tokens_limit=args.max_tokens_limit, model_name=args.served_model_name)
+    app = create_app(model, settings)
+    print(f"serving {app.state.service.name} on http://{args.host}:{args.port} (chat page at /, API at /v1)",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
+                timeout_graceful_shutdown=settings.shutdown_grace_s)
+
+
+def register(subparsers) -> None:
+    """Add `phi3v serve` to the CLI's subparsers."""
+    d = Settings()
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server and web chat page")
+    p.add_argument("--model", required=True, help="checkpoint folder or a repo id in the local HF cache")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quantize", default=None, help="int8 or int4 weight-only quantization")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="requests decoded together (cache slots)")
+    p.add_argument("--max-context", type=int, default=d.max_context, help="tokens per slot: prompt + answer")
+    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
+    p.add_argument("--allow-dir", action="append", help="folder file:// image URLs may read from (repeatable)")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before answering 429")
+    p.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="pixels per image")
+    p.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit, help="largest max_tokens accepted")
+    p.set_defaults(func=cmd_serve)
