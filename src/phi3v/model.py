@@ -116,8 +116,11 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E, C, I))
         self.w3 = nn.Parameter(torch.empty(E, I, C))
 
+    def _linear(self, h: torch.Tensor, name: str, e: int) -> torch.Tensor:
+        return F.linear(h, getattr(self, name)[e])
+
     def forward(self, x, weights, experts):
-        # x: (N, C); weights, experts: (N, k)
+        # x: (N, C); weights, experts: (N, k); tokens are grouped by expert, one matmul per expert used
         out = torch.zeros_like(x)
         flat = experts.flatten()
         order = flat.argsort(stable=True)
@@ -130,7 +133,7 @@ class Experts(nn.Module):
                 continue
             t = token[start:start + n]
             h = x[t]
-            h = F.linear(F.silu(F.linear(h, self.w1[e])) * F.linear(h, self.w3[e]), self.w2[e])
+            h = self._linear(F.silu(self._linear(h, "w1", e)) * self._linear(h, "w3", e), "w2", e)
             out.index_add_(0, t, (h * w[start:start + n, None]).to(out.dtype))
             start += n
         return out

@@ -191,13 +191,13 @@ class WeightOnlyInt4Linear(QuantizedLinear):
         return F.linear(x2d, dequantize_int4(self.weight, self.scales_and_zeros, self.group_size).to(x2d.dtype))
 
 
-class Int8Experts(nn.Module):
-    """PhiMoE's stacked experts with int8 weights per expert and output channel; the forward contract of Experts."""
+class Int8Experts(Experts):
+    """PhiMoE's stacked experts with int8 weights per expert and output channel; Experts' routing, int8 matmuls."""
 
     NAMES = ("w1", "w2", "w3")
 
     def __init__(self, shapes: dict[str, tuple[int, int, int]], dtype=torch.bfloat16, device=None):
-        super().__init__()
+        nn.Module.__init__(self)  # buffers instead of Experts' float parameters
         for name, shape in shapes.items():  # w1, w3 (E, I, C); w2 (E, C, I)
             self.register_buffer(name, torch.empty(shape, dtype=torch.int8, device=device))
             self.register_buffer(f"{name}_scales", torch.empty(shape[:2], dtype=dtype, device=device))
@@ -221,25 +221,6 @@ class Int8Experts(nn.Module):
 
     def _linear(self, h, name: str, e: int):
         return int8_matmul(h, getattr(self, name)[e], getattr(self, f"{name}_scales")[e])
-
-    def forward(self, x, weights, experts):
-        # as Experts.forward: x (N, C); weights, experts (N, k); tokens grouped by expert
-        out = torch.zeros_like(x)
-        flat = experts.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
-        token = order // experts.shape[1]
-        w = weights.flatten()[order]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            t = token[start:start + n]
-            h = x[t]
-            h = self._linear(F.silu(self._linear(h, "w1", e)) * self._linear(h, "w3", e), "w2", e)
-            out.index_add_(0, t, (h * w[start:start + n, None]).to(out.dtype))
-            start += n
-        return out
 
 
 QUANTIZED = (WeightOnlyInt8Linear, WeightOnlyInt4Linear, Int8Experts)
