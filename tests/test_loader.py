@@ -155,3 +155,18 @@ def test_repo_id_from_local_hf_cache(tiny_phi3, tmp_path, monkeypatch):
     assert resolve_model_dir("microsoft/Phi-3.5-mini-instruct") == snap
     with pytest.raises(CheckpointError, match="not a local folder nor in the Hugging Face cache"):
         resolve_model_dir("microsoft/Phi-3-medium-4k-instruct")
+
+
+def test_saved_files_are_standard_and_64_byte_aligned(tmp_path):
+    """Our writer's files load with the safetensors library; tensors of a 64-multiple size map 64-aligned."""
+    from safetensors.torch import load_file
+
+    from phi3v.loader import save_file
+
+    t = {"b": torch.randn(3, 5).bfloat16(), "w": torch.randint(-5, 5, (64, 128), dtype=torch.int8),
+         "scalar": torch.tensor(2.0), "empty": torch.zeros(0), "a": torch.arange(6, dtype=torch.int64)}
+    save_file(t, tmp_path / "x.safetensors", {"format": "pt"})
+    back = load_file(tmp_path / "x.safetensors")
+    assert back.keys() == t.keys() and all(torch.equal(back[k], t[k]) for k in t)
+    st = SafetensorsFile(tmp_path / "x.safetensors")
+    assert st.get("w").data_ptr() % 64 == 0 and torch.equal(st.get("w"), t["w"])

@@ -156,10 +156,33 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dty
     return model
 
 
+ALIGN = 64  # tensors whose size is a multiple of this start at a multiple of it in the mapped file
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """Write one .safetensors file whose tensors are 64-byte aligned in memory once mapped (the header is
+    padded, and tensors of a 64-multiple size come first), so kernels that need aligned weights (int8) can use
+    the mapped file as it is instead of copying it."""
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    order = sorted(tensors, key=lambda k: (tensors[k].numel() * tensors[k].element_size() % ALIGN != 0, k))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for k in order:
+        t = tensors[k]
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % ALIGN)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for k in order:
+            f.write(memoryview(tensors[k].detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
+
+
 def save_safetensors(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = 2 << 30) -> None:
     """Write a state dict as model.safetensors, or as shards plus model.safetensors.index.json."""
-    from safetensors.torch import save_file
-
     shards, cur, size = [], {}, 0
     for k, v in state.items():
         nbytes = v.numel() * v.element_size()
