@@ -143,15 +143,13 @@ class Phi3Model:
                 if isinstance(m, dict) and m.get("images"):
                     m["content"] = with_image_tags(str(m.get("content", "")), len(all_images) + 1, len(m["images"]))
                     all_images += m.pop("images")
-            if not self.is_vision:
-                if all_images:
-                    raise InputError(f"{self.path} is a text model: it cannot take images")
-                return Prompt(self._check_fits(self.tokenizer.apply_chat_template(msgs), max_context))
-            text = self.tokenizer.apply_chat_template([_plain(m) for m in msgs], tokenize=False)
         if not self.is_vision:
             if all_images:
                 raise InputError(f"{self.path} is a text model: it cannot take images")
-            return Prompt(self._check_fits(self.tokenizer.encode(text), max_context))
+            ids = self.tokenizer.encode(text) if raw else self.tokenizer.apply_chat_template(msgs)
+            return Prompt(self._check_fits(ids, max_context))
+        if not raw:  # the reference processor tokenizes the rendered text itself, chunk by chunk around images
+            text = self.tokenizer.apply_chat_template([_plain(m) for m in msgs], tokenize=False)
         processed = self.processor(all_images, num_crops=num_crops) if all_images else None
         counts = processed["num_img_tokens"] if processed else []
         ids = self._check_fits(tokenize_with_images(self.tokenizer, text, counts), max_context)
