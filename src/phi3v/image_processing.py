@@ -92,7 +92,7 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     if isinstance(src, (bytes, bytearray, memoryview)):
         return _decode(io.BytesIO(bytes(src)), f"image bytes ({len(src)} bytes)", max_pixels)
     if isinstance(src, str) and src.startswith("data:"):
-        return _decode(io.BytesIO(_decode_data_url(src)), f"data URL {src[:32]!r}...", max_pixels)
+        return _decode(io.BytesIO(decode_data_url(src)), f"data URL {src[:32]!r}...", max_pixels)
     if isinstance(src, str) and src.startswith(("http://", "https://")):
         raise InputError(f"image URLs are not fetched ({src[:80]}); download the image and pass its path or bytes")
     if isinstance(src, (str, Path)):
@@ -146,7 +146,7 @@ def _from_array(array: np.ndarray, max_pixels: int) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array)).convert("RGB")  # (H, W) -> L, (H, W, 4) -> RGBA
 
 
-def _decode_data_url(url: str) -> bytes:
+def decode_data_url(url: str) -> bytes:
     header, comma, payload = url.partition(",")
     if not comma or not header.startswith("data:image/") or not header.endswith(";base64"):
         raise InputError(f"bad data URL {url[:40]!r}: expected 'data:image/<type>;base64,<data>'")

@@ -131,11 +131,11 @@ def cost(state: tuple) -> int:
 def token_texts(tokenizer) -> list[str | None]:
     """The text each token id adds when decoded (sentencepiece pieces, '▁' as a space); None for special tokens and
     for byte-fallback tokens of non-ASCII bytes, which JSON mode never allows."""
-    added = set(tokenizer._backend.get_added_tokens_decoder())
+    added = tokenizer.added_token_ids
     texts: list[str | None] = []
     for i in range(tokenizer.vocab_size):
-        piece = tokenizer._backend.id_to_token(i)
-        if i in added or piece is None:
+        piece = tokenizer.id_to_token(i)
+        if i in added:
             texts.append(None)
         elif BYTE_TOKEN.fullmatch(piece):
             b = int(piece[3:5], 16)

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlparse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import InputError
-from .image_processing import _decode_data_url, load_image
+from .image_processing import decode_data_url, load_image
 from .sampling import SamplingParams
 from .tokenizer import BYTE_TOKEN
 
@@ -152,7 +152,7 @@ def chat_messages(messages: list[ChatMessage]) -> tuple[list[dict], int]:
 def _image_bytes(url: str, allow_dirs: tuple[Path, ...]) -> tuple[bytes, str]:
     """The encoded bytes of an image_url and a name for messages: data: URLs, and file:// inside allow_dirs."""
     if url.startswith("data:"):
-        return _decode_data_url(url), "image data URL"
+        return decode_data_url(url), "image data URL"
     scheme = urlparse(url).scheme.lower()
     if scheme in ("http", "https"):
         raise APIError(400, f"image URLs over {scheme} are not fetched (this server may have no network): send the "
@@ -239,7 +239,7 @@ def token_labels(tokenizer) -> list[tuple[str, bytes]]:
     """(text, UTF-8 bytes) of every token id, for logprobs: pieces with '▁' as a space, byte tokens as their byte."""
     out = []
     for i in range(tokenizer.vocab_size):
-        piece = tokenizer._backend.id_to_token(i) or ""
+        piece = tokenizer.id_to_token(i)
         if BYTE_TOKEN.fullmatch(piece):
             b = int(piece[3:5], 16)
             out.append((chr(b) if b < 0x80 else f"bytes:\\x{b:02x}", bytes([b])))

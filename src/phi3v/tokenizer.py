@@ -230,6 +230,11 @@ class Tokenizer:
             raise InputError(f"token id {token_id} is out of range [0, {self.vocab_size})")
         return token
 
+    @property
+    def added_token_ids(self) -> frozenset[int]:
+        """Ids of the tokens added on top of the sentencepiece vocabulary (<|user|>, <|end|>, ...)."""
+        return frozenset(self._backend.get_added_tokens_decoder())
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; special tokens written in it become their ids. `add_special_tokens` prepends BOS."""
         if not isinstance(text, str):
