@@ -1,4 +1,4 @@
-"""benchmarks/llama_bench.py: the GGUF conversion (read back with gguf's own reader) and the skip without llama-bench."""
+"""benchmarks/llama_bench.py: the GGUF conversion (read back with gguf's reader); the skip without llama-bench."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402  (a test dependency)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "llama_bench.py"
 
