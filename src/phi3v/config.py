@@ -159,9 +159,13 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path} does not exist")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{what} {path} is not valid JSON ({e}); re-download or re-create it") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"{what} {path} holds a {type(obj).__name__}, not a JSON object: re-download or re-create it")
+    return obj
 
 
 def load_config(model_dir: str | Path) -> Phi3Config:

@@ -21,6 +21,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as Backend
 
+from .config import read_json
 from .errors import CheckpointError, InputError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -45,13 +46,7 @@ def _read_json(path: Path, required: bool) -> dict[str, Any]:
         if required:
             raise _missing(path)
         return {}
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}): re-download or re-create it") from e
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a JSON object: re-download or re-create it")
-    return obj
+    return read_json(path, path.name)
 
 
 def _content(token: str | Mapping | None) -> str | None:
