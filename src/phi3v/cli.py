@@ -137,7 +137,7 @@ def cmd_demo(args) -> None:
     for delta in model.stream(args.prompt, images=[image], max_new_tokens=args.max_new_tokens):
         sys.stdout.write(delta)
         sys.stdout.flush()
-    print(f"\n(random weights: the answer above is noise. A real checkpoint: phi3v chat --model DIR)")
+    print("\n(random weights: the answer above is noise. A real checkpoint: phi3v chat --model DIR)")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:

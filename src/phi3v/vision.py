@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phi3v.errors import CheckpointError, InputError
-from phi3v.image_processing import MERGE, num_image_tokens  # noqa: F401  (one token-count formula for both)
+from phi3v.image_processing import MERGE
 
 
 
