@@ -1,0 +1,141 @@
+"""The runner on a tiny random vision checkpoint: batched predictions equal direct generation, scores follow
+from the predictions, and re-scoring a saved report gives the identical report."""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import phi3v
+from phi3v.errors import InputError
+from phi3v.eval import datasets as ds
+from phi3v.eval import runner
+from phi3v.eval.tasks import get_task
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "Phi-3.5-vision-instruct"
+NEW_TOKENS = 4
+
+
+def _create_random():
+    try:
+        from phi3v.checkpoint.random import create_random
+    except ImportError:  # before the re-layout
+        from phi3v.random_checkpoint import create_random
+    return create_random
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    if not REFERENCE.is_dir():
+        pytest.skip(f"no reference config at {REFERENCE}")
+    out = tmp_path_factory.mktemp("eval-random")
+    _create_random()(REFERENCE, out, seed=0, layers=2, hidden=64, heads=4, intermediate=96)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model(model_dir):
+    return phi3v.load(model_dir)
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    rows = []
+    for k, (family, answer) in enumerate([("menu", "$4.50"), ("chart", "March"), ("menu", "$1.00")]):
+        path = root / "test" / "images" / f"{family}-{k:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (60 + 20 * k, 40), (40 * k, 120, 200)).save(path)
+        rows.append({"id": f"test-{family}-{k:05d}-q0", "family": family, "kind": "price", "question": f"Q{k}?",
+                     "answer": answer, "answers": [answer], "images": [f"images/{path.name}"]})
+    (root / "test" / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_report_values(model, synth_dir):
+    task, items = get_task("synth"), ds.load_synth(synth_dir, "test")
+    calls = []
+    rep = runner.evaluate(model, task, items, batch=2, max_new_tokens=NEW_TOKENS,
+                          progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(2, 3), (3, 3)]
+    assert (rep["task"], rep["prompt"], rep["n"], rep["model"]) == ("synth", "{question}", 3, str(model.path))
+    assert [r["id"] for r in rep["items"]] == [i.id for i in items]
+    for item, row in zip(items, rep["items"]):
+        direct = model.generate([{"role": "user", "content": item.question, "images": item.images}],
+                                max_new_tokens=NEW_TOKENS, temperature=0).text
+        assert row["prediction"] == direct
+        assert row["score"] == float(task.score_one(item, direct))
+        assert (row["answers"], row["category"], row["question"]) == (item.answers, item.category, item.question)
+    scores = [r["score"] for r in rep["items"]]
+    assert rep["overall"] == sum(scores) / 3
+    assert rep["categories"] == {"chart": scores[1], "menu": (scores[0] + scores[2]) / 2}
+
+
+def test_rescore_saved_report_is_identical(model, synth_dir, tmp_path):
+    task, items = get_task("synth"), ds.load_synth(synth_dir, "test")
+    rep = runner.evaluate(model, task, items, batch=3, max_new_tokens=NEW_TOKENS)
+    saved = runner.save(rep, tmp_path / "r.json")
+    again = runner.rescore(task, runner.load_predictions(saved))
+    assert again == rep
+    # a jsonl of {"id", "prediction"} re-scored against the dataset: same items, predictions and scores
+    jl = tmp_path / "p.jsonl"
+    jl.write_text("".join(json.dumps({"id": r["id"], "prediction": r["prediction"]}) + "\n" for r in rep["items"]))
+    from_jsonl = runner.rescore(task, runner.load_predictions(jl), items)
+    assert from_jsonl["items"] == rep["items"] and from_jsonl["overall"] == rep["overall"]
+    with pytest.raises(InputError, match="--data"):
+        runner.rescore(task, runner.load_predictions(jl))
+
+
+def test_rescore_gives_right_answers_full_marks(synth_dir):
+    task, items = get_task("synth"), ds.load_synth(synth_dir, "test")
+    preds = [{"id": items[0].id, "prediction": " $4.50. "}, {"id": items[1].id, "prediction": "april"}]
+    rep = runner.rescore(task, preds, items)
+    assert [r["score"] for r in rep["items"]] == [1.0, 0.0]
+    assert (rep["n"], rep["overall"], rep["categories"]) == (2, 0.5, {"chart": 0.0, "menu": 1.0})
+    with pytest.raises(InputError, match="not in the dataset"):
+        runner.rescore(task, [{"id": "nope", "prediction": "x"}], items)
+
+
+def test_bad_item_is_reported_not_fatal(model, synth_dir):
+    task, items = get_task("synth"), ds.load_synth(synth_dir, "test")
+    items[1].images = [synth_dir / "missing.png"]
+    rep = runner.evaluate(model, task, items, batch=3, max_new_tokens=NEW_TOKENS)
+    assert "image file not found" in rep["items"][1]["error"]
+    assert rep["items"][1]["prediction"] == "" and rep["items"][1]["score"] == 0.0
+    assert rep["items"][0]["prediction"] and "error" not in rep["items"][0]
+
+
+def test_batches_group_by_budget():
+    task = get_task("synth")
+    items = [ds.Item(str(k), "q", ["a"], meta={"kind": kind}) for k, kind in enumerate(
+        ["price", "markdown", "price", "json", "price"])]
+    assert runner.batches(task, items, 2, None) == [(32, [0, 2]), (32, [4]), (512, [1, 3])]
+    assert runner.batches(task, items, 8, 5) == [(5, [0, 1, 2, 3, 4])]
+
+
+def cli(*argv):
+    from phi3v.cli import eval as cmd
+
+    p = argparse.ArgumentParser()
+    cmd.add_arguments(p)
+    return cmd.run(p.parse_args(list(argv)))
+
+
+def test_cli_report_chart_and_rescore(model_dir, synth_dir, tmp_path, capsys):
+    out = tmp_path / "rep" / "report.json"
+    assert cli("--model", str(model_dir), "--task", "synth", "--data", str(synth_dir), "--limit", "2",
+               "--batch", "2", "--max-new-tokens", str(NEW_TOKENS), "--out", str(out), "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    rep = json.loads(out.read_text())
+    assert summary == {k: v for k, v in rep.items() if k != "items"} and rep["n"] == 2
+    with Image.open(out.with_suffix(".png")) as img:
+        assert img.format == "PNG" and img.width > 300
+    out2 = tmp_path / "again.json"
+    assert cli("--task", "synth", "--predictions", str(out), "--out", str(out2)) == 0
+    assert json.loads(out2.read_text()) == rep
+    table = capsys.readouterr().out
+    assert "overall" in table and "exact match" in table
+    with pytest.raises(InputError, match="--model"):
+        cli("--task", "synth", "--data", str(synth_dir))
