@@ -201,7 +201,7 @@ SAME_FORMAT = {"price": r"\$\d+\.\d\d", "addon": r"\$\d+\.\d\d", "sum": r"\$\d+\
 
 
 def test_every_answer_matches_its_facts_and_dpo_rejects_a_plausible_wrong_answer(tmp_path):
-    generate(tmp_path, 25, seed=3, split_sizes={"test-novel": 10})
+    generate(tmp_path, 50, seed=3, split_sizes={"val": 5, "test": 5, "test-novel": 10})
     qa = [r for s in SPLITS for r in records(tmp_path / s, "qa.jsonl")]
     dpo = {d["id"]: d for s in SPLITS for d in records(tmp_path / s, "dpo.jsonl")}
     kinds = set()
@@ -321,3 +321,15 @@ def test_cli_writes_the_set_and_prints_counts(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["manifest.json", "test-novel", "train"]
     with pytest.raises(InputError, match="unknown family 'pie'"):
         cli.run(p.parse_args(["--out", str(tmp_path / "e"), "--n", "4", "--families", "menu,pie"]))
+
+
+def test_training_readers_accept_every_file(out):
+    from phi3v.data.records import BadRecords, read_records
+
+    for split in SPLITS:
+        folder, bad = out / split, BadRecords("error")
+        for name, kind in (("qa.jsonl", "conversation"), ("transcribe.jsonl", "conversation"),
+                           ("captions.jsonl", "caption"), ("dpo.jsonl", "preference")):
+            recs, total = read_records(folder / name, kind, bad)
+            assert len(recs) == total > 0
+        assert recs[0].rejected != recs[0].chosen and recs[0].images[0].is_file()

@@ -55,10 +55,6 @@ def facts(rng: random.Random, vocab: str, cfg: SynthConfig) -> dict:
             "one_colour": rng.random() < 0.5, "grid": rng.random() < 0.5}
 
 
-def labels(f: dict) -> set[str]:
-    return set(f["labels"])
-
-
 def shown(f: dict, i: int) -> str:
     return f"{f['values'][i]}{f['unit']}"
 
@@ -144,10 +140,9 @@ def questions(f: dict, rng: random.Random) -> list[QA]:
     q = f"What is the share of {labels_[i]}?" if pie else rng.choice(
         (f"What is the value for {labels_[i]}?", f"How many {measure} did {labels_[i]} have?"))
     out.append(QA("value", q, shown(f, i), _variants(shown(f, i)), wrong(shown(f, i), near, str(values[i] + 1))))
-    order = sorted(range(n), key=lambda j: values[j])
-    top, low = rng.random() < 0.7, order
-    best = low[-1] if top else low[0]
-    runner = low[-2] if top else low[1]
+    order = sorted(range(n), key=lambda j: values[j])  # values are distinct: no ties
+    top = rng.random() < 0.5
+    best, runner = (order[-1], order[-2]) if top else (order[0], order[1])  # runner-up: the rejected answer
     if pie:
         q = f"Which {noun} has the {'largest' if top else 'smallest'} share?"
     else:

@@ -54,11 +54,6 @@ def facts(rng: random.Random, vocab: str, cfg: SynthConfig) -> dict:
             "teas": teas, "addons": addons, "layout": rng.choice(("grid", "stacked"))}
 
 
-def labels(f: dict) -> set[str]:
-    return {f["title"]} | {i["name"] for i in f["items"]} | {t["name"] for t in f["teas"]} | \
-        {a["label"] for a in f["addons"]}
-
-
 def lines(f: dict) -> list[str]:
     """The menu's text in reading order, one printed line each."""
     out = [f["title"]]

@@ -37,10 +37,6 @@ def facts(rng: random.Random, vocab: str, cfg: SynthConfig) -> dict:
     return {"shapes": items, "size": [rng.randint(lo, hi), rng.randint(lo, hi)]}
 
 
-def labels(f: dict) -> set[str]:
-    return set()
-
-
 def lines(f: dict) -> list[str]:
     return []
 

@@ -49,10 +49,6 @@ def facts(rng: random.Random, vocab: str, cfg: SynthConfig) -> dict:
             "rules": rng.choice(("grid", "lines", "zebra")), "numbers_right": rng.random() < 0.7}
 
 
-def labels(f: dict) -> set[str]:
-    return {row[0] for row in f["rows"]}
-
-
 def markdown(header: list[str], rows: list[list[str]]) -> str:
     """The canonical Markdown rendering (see the module docstring)."""
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
@@ -86,7 +82,7 @@ def draw(f: dict, style: Style, rng: random.Random, cfg: SynthConfig):
             x = 0
             for c, cell in enumerate(cells):
                 cw = text_size(body, cell)[0]
-                right = f["numbers_right"] and c > 0 and r > 0
+                right = f["numbers_right"] and c > 0 and r > 0 and any(ch.isdigit() for ch in cell)
                 tx = x + widths[c] - pad - cw if right else x + pad
                 ops.append(("text", tx, r * row + (row - lh) // 2, cell, body, pal.accent if r == 0 else pal.ink))
                 x += widths[c]

@@ -35,10 +35,6 @@ def facts(rng: random.Random, vocab: str, cfg: SynthConfig) -> dict:
     return {"lines": out, "spacing": rng.uniform(1.2, 1.8)}
 
 
-def labels(f: dict) -> set[str]:
-    return {w.lower() for line in f["lines"] for w in line.split() if w.isalpha()}
-
-
 def lines(f: dict) -> list[str]:
     return list(f["lines"])
 
