@@ -53,7 +53,7 @@ def make_sample(split: str, family: str, k: int, seed: int, cfg: SynthConfig, se
         else:
             raise InputError(f"{family} content never fits in max_side={cfg.max_side} px: raise max_side or lower "
                              f"max_items / min_cap_px in SynthConfig")
-        data, ext = encode(augment(img, rng, cfg, style.palette.paper), rng, cfg)
+        data, ext = encode(augment(img, rng, cfg), rng, cfg)
         digest = hashlib.sha256(data).hexdigest()
         if digest in seen:
             continue

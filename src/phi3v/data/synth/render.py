@@ -35,6 +35,7 @@ class SynthConfig:
     jpeg_prob: float = 0.35  # chance an image is stored as JPEG
     jpeg_quality: tuple[int, int] = (70, 95)
     augment_prob: float = 0.8  # chance of rotation/perspective/blur/noise on an image
+    frame_prob: float = 0.25  # chance the page lies on a darker surface (a photo of a document), as SynthDoG does
 
 
 # --- fonts: found by path from a fixed list, partitioned into training fonts and test-novel fonts -------------------
@@ -211,10 +212,27 @@ def canvas(content: tuple[int, int], style: Style, rng: random.Random, cfg: Synt
     return img, ImageDraw.Draw(img), ((w - cw) // 2, (h - ch) // 2)
 
 
-def augment(img: Image.Image, rng: random.Random, cfg: SynthConfig, fill: RGB) -> Image.Image:
+def frame(page: Image.Image, rng: random.Random, cfg: SynthConfig) -> Image.Image:
+    """With frame_prob, the page on a darker textured surface with a soft shadow, within max_side."""
+    room = cfg.max_side - max(page.size)
+    if rng.random() >= cfg.frame_prob or room < 16:
+        return page
+    pad = rng.randint(8, min(40, room // 2))
+    w, h = page.width + 2 * pad, page.height + 2 * pad
+    surface = tuple(rng.randint(40, 140) for _ in range(3))
+    img = paper((w, h), surface, rng, cfg)
+    shadow = Image.new("L", (w, h), 0)
+    ImageDraw.Draw(shadow).rectangle((pad + 3, pad + 4, pad + page.width + 3, pad + page.height + 4), fill=110)
+    img.paste((0, 0, 0), (0, 0), shadow.filter(ImageFilter.GaussianBlur(4)))
+    img.paste(page, (pad, pad))
+    return img
+
+
+def augment(img: Image.Image, rng: random.Random, cfg: SynthConfig) -> Image.Image:
     """Slight rotation and perspective, blur and noise, each drawn with its own strength (all may be zero)."""
     if rng.random() >= cfg.augment_prob:
         return img
+    fill = img.getpixel((0, 0))  # corners uncovered by rotation take the border's colour (paper or surface)
     w, h = img.size
     if rng.random() < 0.5:
         img = img.rotate(rng.uniform(-cfg.max_rotate_deg, cfg.max_rotate_deg), Image.BICUBIC, fillcolor=fill)
@@ -272,7 +290,7 @@ def render(layout, style: Style, rng: random.Random, cfg: SynthConfig) -> Image.
         if max(w, h) + 32 <= cfg.max_side:
             img, draw, offset = canvas((w, h), style, rng, cfg)
             paint(draw, ops, offset)
-            return img
+            return frame(img, rng, cfg)
     raise NoFit
 
 

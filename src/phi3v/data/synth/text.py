@@ -1,4 +1,4 @@
-"""Printed lines to read (words, prices, short phrases): the transcription warm-up; questions on a whole text or a line."""
+"""Printed lines to read (words, prices, short phrases): the transcription warm-up; whole-text and line questions."""
 
 from __future__ import annotations
 
