@@ -26,11 +26,11 @@ VARIANTS = {"top": ("top", "top center", "top middle"), "left": ("left", "middle
 def facts(rng: random.Random, vocab: str, cfg: SynthConfig) -> dict:
     n = rng.randint(max(1, cfg.min_items - 1), cfg.max_items)
     cells = rng.sample(range(9), n)
-    shades = SHADES[vocab]
+    shades, kinds = SHADES[vocab], rng.sample(KINDS, rng.randint(2, 4))  # fewer kinds: counts above 1
     items = []
     for cell in cells:
         colour = rng.choice(sorted(shades))
-        items.append({"kind": rng.choice(KINDS), "colour": colour, "rgb": list(rng.choice(shades[colour])),
+        items.append({"kind": rng.choice(kinds), "colour": colour, "rgb": list(rng.choice(shades[colour])),
                       "cell": cell, "scale": rng.uniform(0.45, 0.8), "jitter": [rng.uniform(-0.1, 0.1),
                                                                                 rng.uniform(-0.1, 0.1)]})
     lo, hi = cfg.min_side - 64, cfg.max_side - 64
@@ -69,7 +69,7 @@ def draw(f: dict, style: Style, rng: random.Random, cfg: SynthConfig):
 def questions(f: dict, rng: random.Random) -> list[QA]:
     shapes_ = f["shapes"]
     out = []
-    kind = rng.choice(KINDS)
+    kind = rng.choice([s["kind"] for s in shapes_]) if rng.random() < 0.8 else rng.choice(KINDS)
     count = sum(s["kind"] == kind for s in shapes_)
     ans = str(count)
     out.append(QA("count", f"How many {kind}s are there?", ans, (ans,), str(count + 1 if count == 0 or
