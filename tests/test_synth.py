@@ -294,7 +294,7 @@ def test_missing_font_names_its_debian_package(monkeypatch):
     ({"n": 0}, "n must be a positive"), ({"n": -3}, "n must be a positive"),
     ({"families": ["menu", "pizza"]}, "unknown family 'pizza': choose from menu, chart"),
     ({"splits": ["train", "dev"]}, "unknown split 'dev': choose from train, val, test, test-novel"),
-    ({"families": []}, "no family given"), ({"split_sizes": {"val": 0}}, r"split_sizes\['val'\] must be"),
+    ({"families": []}, "no family given"), ({"families": "menu,charts"}, "unknown family 'charts'"), ({"split_sizes": {"val": 0}}, r"split_sizes\['val'\] must be"),
 ])
 def test_bad_arguments_raise_input_error(tmp_path, kwargs, message):
     with pytest.raises(InputError, match=message):

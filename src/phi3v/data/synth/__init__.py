@@ -101,7 +101,7 @@ def generate(out_dir, n: int, seed: int = 0, families=FAMILIES, splits=SPLITS,
 def _check(n, families, splits, split_sizes) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise InputError(f"n must be a positive number of images per split, got {n!r}")
-    families, splits = tuple(families), tuple(splits)
+    families, splits = (tuple(v.split(",")) if isinstance(v, str) else tuple(v) for v in (families, splits))
     for name, given, known in (("family", families, FAMILIES), ("split", splits, SPLITS)):
         if not given:
             raise InputError(f"no {name} given: choose from {', '.join(known)}")
