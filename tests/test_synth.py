@@ -302,6 +302,13 @@ def test_bad_arguments_raise_input_error(tmp_path, kwargs, message):
     assert not (tmp_path / "x").exists()
 
 
+def test_bad_config_raises_input_error():
+    with pytest.raises(InputError, match="min_cap_px <= max_cap_px"):
+        SynthConfig(min_cap_px=30, max_cap_px=20)
+    with pytest.raises(InputError, match="min_items must be at least 2"):
+        SynthConfig(min_items=1)
+
+
 def test_refuses_a_folder_that_already_holds_output(out):
     with pytest.raises(InputError, match="already holds files"):
         generate(out, 5, split_sizes=SIZES)

@@ -37,6 +37,13 @@ class SynthConfig:
     augment_prob: float = 0.8  # chance of rotation/perspective/blur/noise on an image
     frame_prob: float = 0.25  # chance the page lies on a darker surface (a photo of a document), as SynthDoG does
 
+    def __post_init__(self):
+        for lo, hi in (("min_side", "max_side"), ("min_cap_px", "max_cap_px"), ("min_items", "max_items")):
+            if not 0 < getattr(self, lo) <= getattr(self, hi):
+                raise InputError(f"SynthConfig needs 0 < {lo} <= {hi}, got {getattr(self, lo)} and {getattr(self, hi)}")
+        if self.min_items < 2:
+            raise InputError("SynthConfig.min_items must be at least 2 (a chart needs two bars to compare)")
+
 
 # --- fonts: found by path from a fixed list, partitioned into training fonts and test-novel fonts -------------------
 DEJAVU = "/usr/share/fonts/truetype/dejavu"
