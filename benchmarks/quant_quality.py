@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from phi3v.config import config_from_dict
-from phi3v.image_processing import ImageProcessor
-from phi3v.loader import load_causal_lm
-from phi3v.multimodal import tokenize_with_images
-from phi3v.quantize import quantize_model
-from phi3v.random_checkpoint import create_random
-from phi3v.tokenizer import Tokenizer
+from phi3v.checkpoint.load import load_causal_lm
+from phi3v.checkpoint.random import create_random
+from phi3v.models import config_from_dict
+from phi3v.processing.image import ImageProcessor
+from phi3v.processing.prompts import tokenize_with_images
+from phi3v.processing.tokenizer import Tokenizer
+from phi3v.quant.layers import quantize_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURES = SHARED / "fixtures" / "phi3v"

@@ -52,7 +52,7 @@ def moe_like_dir(tmp_path_factory) -> Path:
 
 
 def make_tiny(tmp_path_factory, like, name, **sizes) -> Path:
-    from phi3v.random_checkpoint import create_random
+    from phi3v.checkpoint.random import create_random
 
     return create_random(like, tmp_path_factory.mktemp(name), **sizes)
 

@@ -9,12 +9,13 @@ import torch
 
 from conftest import FIXTURES
 from phi3v.api import load
-from phi3v.config import load_config
-from phi3v.engine import Engine
+from phi3v.models import load_config
+from phi3v.inference.engine import Engine
 from phi3v.errors import ContextLengthError
-from phi3v.generate import Prompt, generate_steps
-from phi3v.loader import load_causal_lm
-from phi3v.sampling import SamplingParams
+from phi3v.inference.generate import generate_steps
+from phi3v.inference.requests import Prompt
+from phi3v.checkpoint.load import load_causal_lm
+from phi3v.inference.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import phi3v.api
-from phi3v.config import load_config
+from phi3v.models import load_config
 from phi3v.errors import ContextLengthError, InputError
-from phi3v.generate import Prompt, generate_steps
-from phi3v.loader import load_causal_lm
-from phi3v.sampling import SamplingParams, apply_repetition_penalty, make_sampler, top_k_filter, top_p_filter
+from phi3v.inference.generate import generate_steps
+from phi3v.inference.requests import Prompt
+from phi3v.checkpoint.load import load_causal_lm
+from phi3v.inference.sampling import SamplingParams, apply_repetition_penalty, make_sampler, top_k_filter, top_p_filter
 
 PROMPT = "Write a short poem about the sea."
 

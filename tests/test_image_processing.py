@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from phi3v.errors import CheckpointError, InputError
-from phi3v.image_processing import (
+from phi3v.processing.image import (
     CLIP_MEAN,
     CLIP_STD,
     CROP_SIZE,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phi3v.cli import main
-from phi3v.kernels import UPCAST_MIN_ROWS, BF16Linear, use_fast_bf16_linears
+from phi3v.inference.kernels import UPCAST_MIN_ROWS, BF16Linear, use_fast_bf16_linears
 
 
 @pytest.mark.parametrize("rows", [1, 3, UPCAST_MIN_ROWS, 130])
@@ -32,7 +32,7 @@ def test_swap_keeps_names_and_shares_weights():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 4, bias=False))).to(torch.bfloat16)
     before = {k: v.data_ptr() for k, v in model.state_dict().items()}
     n = use_fast_bf16_linears(model)
-    from phi3v.kernels import cpu_has_native_bf16
+    from phi3v.hardware import cpu_has_native_bf16
 
     assert n == (0 if cpu_has_native_bf16() else 2)
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before

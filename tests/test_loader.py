@@ -8,9 +8,11 @@ import shutil
 import pytest
 import torch
 
-from phi3v.config import config_from_dict, load_config
+from phi3v.models import config_from_dict, load_config
 from phi3v.errors import CheckpointError
-from phi3v.loader import SafetensorsFile, load_causal_lm, read_state_dict, resolve_model_dir
+from phi3v.checkpoint.hub import resolve_model_dir
+from phi3v.checkpoint.load import load_causal_lm
+from phi3v.checkpoint.safetensors import SafetensorsFile, read_state_dict
 
 
 def copy(src, dst):
@@ -45,8 +47,8 @@ def test_dtypes(tiny_phi3, dtype, random_ids):
 
 def test_weights_in_their_own_dtype_are_not_copied(tiny_phi3):
     """Loading in the checkpoint's dtype assigns the memory-mapped tensors themselves."""
-    from phi3v.loader import load_into
-    from phi3v.model import CausalLM
+    from phi3v.checkpoint.load import load_into
+    from phi3v.models.layers import CausalLM
 
     cfg = load_config(tiny_phi3)
     state = read_state_dict(tiny_phi3)
@@ -161,7 +163,7 @@ def test_saved_files_are_standard_and_64_byte_aligned(tmp_path):
     """Our writer's files load with the safetensors library; tensors of a 64-multiple size map 64-aligned."""
     from safetensors.torch import load_file
 
-    from phi3v.loader import save_file
+    from phi3v.checkpoint.safetensors import save_file
 
     t = {"b": torch.randn(3, 5).bfloat16(), "w": torch.randint(-5, 5, (64, 128), dtype=torch.int8),
          "scalar": torch.tensor(2.0), "empty": torch.zeros(0), "a": torch.arange(6, dtype=torch.int64)}

@@ -11,12 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import FIXTURES
-from phi3v.config import config_from_dict
+from phi3v.models import config_from_dict
 from phi3v.errors import InputError
-from phi3v.image_processing import ImageProcessor, hd_size, num_image_tokens
-from phi3v.loader import load_causal_lm
-from phi3v.multimodal import image_tags, tokenize_with_images, with_image_tags
-from phi3v.tokenizer import Tokenizer
+from phi3v.processing.image import ImageProcessor, hd_size, num_image_tokens
+from phi3v.checkpoint.load import load_causal_lm
+from phi3v.processing.prompts import image_tags, tokenize_with_images, with_image_tags
+from phi3v.processing.tokenizer import Tokenizer
 
 TINY = FIXTURES / "phi35_vision_tiny"
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phi3v.config import load_config
-from phi3v.generate import Prompt, generate_steps
-from phi3v.loader import load_causal_lm
-from phi3v.sampling import SamplingParams
+from phi3v.models import load_config
+from phi3v.inference.generate import generate_steps
+from phi3v.inference.requests import Prompt
+from phi3v.checkpoint.load import load_causal_lm
+from phi3v.inference.sampling import SamplingParams
 
 transformers = pytest.importorskip("transformers")
 ATOL = RTOL = 1e-4
@@ -79,7 +80,7 @@ def test_transformers_phimoe_long_factor_bug_is_real(tiny_moe, random_ids):
 
 @pytest.mark.parametrize("prefill,total", [(30, 60), (80, 110)])
 def test_cached_decode_equals_full_forward(pair, random_ids, prefill, total):
-    from phi3v.cache import KVCache
+    from phi3v.models.cache import KVCache
 
     ours, _ = pair
     ids = random_ids[:1, :total]

@@ -14,25 +14,25 @@ from PIL import Image
 from torch import nn
 
 import phi3v.api
-from phi3v.config import config_from_dict
+from phi3v.models import config_from_dict
 from phi3v.errors import CheckpointError, InputError
-from phi3v.image_processing import ImageProcessor
-from phi3v.loader import load_causal_lm
-from phi3v.model import Experts
-from phi3v.multimodal import tokenize_with_images
-from phi3v.quantize import (
+from phi3v.processing.image import ImageProcessor
+from phi3v.checkpoint.load import load_causal_lm
+from phi3v.models.phimoe import Experts
+from phi3v.processing.prompts import tokenize_with_images
+from phi3v.checkpoint.quantized import quantize_checkpoint
+from phi3v.cli import quantize as quantize_command
+from phi3v.quant.layers import (
     QUANTIZED,
     Int8Experts,
     WeightOnlyInt4Linear,
     WeightOnlyInt8Linear,
     dequantize_int4,
-    quantize_checkpoint,
     quantize_int4,
     quantize_model,
-    register,
     unpack_int4,
 )
-from phi3v.tokenizer import Tokenizer
+from phi3v.processing.tokenizer import Tokenizer
 
 VISION = FIXTURES / "phi35_vision_tiny"
 IMAGE_CASE = {"phi35_vision_tiny": "B1_single_800x600", "phi3_vision_tiny": "A1_landscape_640x480"}
@@ -282,11 +282,11 @@ def test_weights_that_do_not_match_the_spec(tmp_path, tiny_phi3):
 
 
 def test_cli_prints_what_it_wrote(tmp_path, tiny_phi3, capsys):
-    parser = argparse.ArgumentParser(prog="phi3v")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["quantize", "--model", str(tiny_phi3), "--out", str(tmp_path / "q"), "--scheme", "int4",
+    parser = argparse.ArgumentParser(prog="phi3v quantize")
+    quantize_command.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tiny_phi3), "--out", str(tmp_path / "q"), "--scheme", "int4",
                               "--group-size", "128"])
-    args.func(args)
+    quantize_command.run(args)
     out = capsys.readouterr().out
     assert "int4, group size 128" in out and "MiB ->" in out and "lm_head" in out
     assert {p.name for p in (tmp_path / "q").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}

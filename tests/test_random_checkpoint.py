@@ -10,15 +10,18 @@ import torch
 from PIL import Image
 
 from conftest import FIXTURES, REFERENCE, require_shared
-from phi3v.config import config_from_dict, load_config
+from phi3v.models import config_from_dict, load_config
 from phi3v.errors import CheckpointError
 from phi3v.examples import CHART_SIZE, draw_example_chart, example_image
-from phi3v.image_processing import ImageProcessor
-from phi3v.loader import build_model, load_causal_lm, read_state_dict
-from phi3v.multimodal import TIED_WTE, Phi3VForCausalLM, tokenize_with_images
-from phi3v.random_checkpoint import (RANDOM_MARKER, SMALL_CLIP, TOKENIZER_FILES, create_random,
+from phi3v.processing.image import ImageProcessor
+from phi3v.checkpoint.load import load_causal_lm
+from phi3v.checkpoint.safetensors import read_state_dict
+from phi3v.models import build_model
+from phi3v.models.phi3_v import TIED_WTE, Phi3VForCausalLM
+from phi3v.processing.prompts import tokenize_with_images
+from phi3v.checkpoint.random import (RANDOM_MARKER, SMALL_CLIP, TOKENIZER_FILES, create_random,
                                      derive_vision_config)
-from phi3v.tokenizer import Tokenizer
+from phi3v.processing.tokenizer import Tokenizer
 
 PHI35_VISION = REFERENCE / "Phi-3.5-vision-instruct"
 PHI3_VISION = REFERENCE / "Phi-3-vision-128k-instruct"

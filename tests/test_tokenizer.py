@@ -1,4 +1,4 @@
-"""phi3v.tokenizer against transformers' AutoTokenizer on the three reference tokenizers: ids, text, chat templates."""
+"""phi3v.processing.tokenizer against transformers' AutoTokenizer on the three reference tokenizers: ids, text, chat templates."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from phi3v.errors import CheckpointError, InputError
-from phi3v.tokenizer import BYTE_TOKEN, Tokenizer
+from phi3v.processing.tokenizer import BYTE_TOKEN, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

@@ -15,13 +15,15 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import FIXTURES
-from phi3v.config import config_from_dict
-from phi3v.generate import Prompt, generate_steps
-from phi3v.image_processing import ImageProcessor
-from phi3v.loader import load_causal_lm
-from phi3v.multimodal import recomputes_on_long_switch, tokenize_with_images
-from phi3v.sampling import SamplingParams
-from phi3v.tokenizer import Tokenizer
+from phi3v.models import config_from_dict
+from phi3v.inference.generate import generate_steps
+from phi3v.inference.requests import Prompt
+from phi3v.processing.image import ImageProcessor
+from phi3v.checkpoint.load import load_causal_lm
+from phi3v.models.phi3_v import recomputes_on_long_switch
+from phi3v.processing.prompts import tokenize_with_images
+from phi3v.inference.sampling import SamplingParams
+from phi3v.processing.tokenizer import Tokenizer
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 INDEX = json.loads((FIXTURES / "index.json").read_text()) if FIXTURES.is_dir() else {"models": {}}

@@ -8,8 +8,9 @@ import torch
 from safetensors import safe_open
 
 from phi3v.errors import CheckpointError, InputError
-from phi3v.image_processing import num_image_tokens
-from phi3v.vision import CLIPVisionConfig, ImageEmbeddingConfig, Phi3ImageEmbedding
+from phi3v.processing.image import num_image_tokens
+from phi3v.models.clip import CLIPVisionConfig
+from phi3v.models.phi3_v import ImageEmbeddingConfig, Phi3ImageEmbedding
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = SHARED / "fixtures" / "phi3v"

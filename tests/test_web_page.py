@@ -9,7 +9,7 @@ import pytest
 from conftest import FIXTURES
 from phi3v.api import load
 from phi3v.examples import example_image
-from phi3v.server import Settings, create_app, running
+from phi3v.serve.app import Settings, create_app, running
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import hashlib
-
 import torch
 
-from .config import config_from_dict, read_json
+from .checkpoint.hub import resolve_model_dir
+from .checkpoint.load import load_causal_lm, parse_dtype
+from .checkpoint.random import RANDOM_MARKER
 from .errors import InputError
-from .engine import Engine
-from .generate import Prompt, check_prompt_fits, generate_steps
-from .image_processing import ImageProcessor
-from .kernels import use_fast_bf16_linears
-from .loader import load_causal_lm, parse_dtype, resolve_model_dir
-from .multimodal import is_vision_config, recomputes_on_long_switch, tokenize_with_images, with_image_tags
-from .random_checkpoint import RANDOM_MARKER
-from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from .hardware import auto_dtype
+from .inference.engine import Engine
+from .inference.generate import generate_steps
+from .inference.kernels import use_fast_bf16_linears
+from .inference.requests import Prompt, check_prompt_fits
+from .inference.sampling import SamplingParams
+from .models import config_from_dict, is_vision_config
+from .models.config import read_json
+from .models.phi3_v import recomputes_on_long_switch
+from .processing.image import ImageProcessor
+from .processing.prompts import tokenize_with_images, with_image_tags
+from .processing.tokenizer import Tokenizer
+from .quant.layers import quantize_model
 
 Messages = list[dict]
 FEATURE_CACHE_IMAGES = 16  # projected features of this many recent images are kept for multi-turn chats
@@ -95,11 +100,9 @@ class Phi3Model:
         tokenizer = Tokenizer.from_dir(path)
         processor = ImageProcessor.from_dir(path) if is_vision_config(raw) else None
         if dtype == "auto":
-            dtype = "bfloat16" if device != "cpu" or _cpu_has_bf16() else "float32"
+            dtype = auto_dtype(device)
         model = load_causal_lm(path, cfg, parse_dtype(dtype), device, raw=raw)
         if quantize:
-            from .quantize import quantize_model
-
             quantize_model(model, quantize)
         use_fast_bf16_linears(model)  # no-op unless bf16 weights on a CPU without native bf16
         return cls(model, tokenizer, path, bool(raw.get(RANDOM_MARKER)), processor)
@@ -219,8 +222,7 @@ class Phi3Model:
                        engine: Engine | None = None, **sampling) -> list[Completion]:
         """Complete several prompts together (one batch); `images` are shared by every prompt."""
         params = SamplingParams(**sampling)
-        if engine is not None:
-            max_context = min(max_context or engine.max_context, engine.max_context)
+        max_context = _within_engine(max_context, engine)
         prepared = [self.prepare(p, system, raw, images, num_crops, max_context) for p in prompts]
         rows: dict[int, TextRow] = {}
         for b, _, row in self.stream_batch(prepared, params, max_context, engine):
@@ -238,8 +240,7 @@ class Phi3Model:
                **sampling) -> Iterator[str]:
         """Text deltas of one completion as they are generated."""
         params = SamplingParams(**sampling)
-        if engine is not None:
-            max_context = min(max_context or engine.max_context, engine.max_context)
+        max_context = _within_engine(max_context, engine)
         prepared = self.prepare(prompt, system, raw, images, num_crops, max_context)
         for _, delta, _ in self.stream_batch([prepared], params, max_context, engine):
             if delta:
@@ -256,6 +257,13 @@ class Phi3Model:
         return self.stream(messages, engine=self.engine(), **kw)
 
 
+def _within_engine(max_context: int | None, engine: Engine | None) -> int | None:
+    """The token budget of a request on `engine`: never past its slots' max_context."""
+    if engine is None:
+        return max_context
+    return min(max_context or engine.max_context, engine.max_context)
+
+
 def _digest(pixel_values: torch.Tensor, image_size: torch.Tensor) -> str:
     h = hashlib.sha1(pixel_values.float().numpy().tobytes())
     h.update(bytes(str(image_size.tolist()), "ascii"))
@@ -264,13 +272,6 @@ def _digest(pixel_values: torch.Tensor, image_size: torch.Tensor) -> str:
 
 def _plain(m):
     return {k: v for k, v in m.items() if k != "images"} if isinstance(m, dict) else m
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
-    except Exception:  # older torch
-        return False
 
 
 def load(name_or_path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu",

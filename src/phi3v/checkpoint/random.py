@@ -1,27 +1,32 @@
 """`phi3v create-random`: a random-weight checkpoint in the real layout, with the real tokenizer files.
 
 Text (Phi3ForCausalLM, PhiMoEForCausalLM) and Phi-3(.5)-vision (Phi3VForCausalLM) configs are supported; the weights are
-drawn for every parameter of the model `loader.build_model` builds, under the checkpoint's own names.
+drawn for every parameter of the model `models.build_model` builds, under the checkpoint's own names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import PhiMoEConfig, config_from_dict, read_json
-from .errors import CheckpointError
-from .image_processing import CROP_SIZE, PATCH_SIZE
-from .loader import build_model, parse_dtype, save_safetensors
-from .model import RMSNorm
-from .multimodal import is_vision_config
+from ..errors import CheckpointError
+from ..models import build_model, config_from_dict, is_vision_config
+from ..models.clip import CROP_SIZE, PATCH_SIZE
+from ..models.config import read_json
+from ..models.layers import RMSNorm
+from ..models.phimoe import PhiMoEForCausalLM
+from .files import TOKENIZER_FILES, copy_tokenizer_files
+from .load import parse_dtype
+from .safetensors import save_safetensors
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "preprocessor_config.json", "processor_config.json")
+__all__ = ["RANDOM_MARKER", "SMALL_CLIP", "TOKENIZER_FILES", "Sizes", "create_random", "derive_config",
+           "random_state_dict"]
+
 RANDOM_MARKER = "phi3v_random_weights"  # config.json key that marks the weights as random
 # The fixtures' tiny CLIP (shared/fixtures/phi3v/README.md): used when the decoder is shrunk and no CLIP size is given.
 SMALL_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 3}
@@ -36,34 +41,61 @@ def _resample(factors: list[float], n: int) -> list[float]:
     return [factors[i * len(factors) // n] for i in range(n)]
 
 
-def derive_config(base: dict, layers=None, hidden=None, heads=None, kv_heads=None, intermediate=None,
-                  experts=None, original_max=None, sliding_window=None) -> dict:
-    """config.json of the source with the given sizes replaced; LongRoPE factor lists follow the head dim."""
+@dataclass(frozen=True)
+class Sizes:
+    """Sizes that replace the source config's (None keeps it). The vision_* sizes are CLIP's (Phi-3-vision only)."""
+
+    layers: int | None = None
+    hidden: int | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
+    intermediate: int | None = None
+    experts: int | None = None
+    original_max: int | None = None
+    sliding_window: int | None = None
+    vision_layers: int | None = None
+    vision_hidden: int | None = None
+    vision_heads: int | None = None
+    vision_intermediate: int | None = None
+
+    DECODER_KEYS = {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
+                    "kv_heads": "num_key_value_heads", "intermediate": "intermediate_size",
+                    "experts": "num_local_experts", "original_max": "original_max_position_embeddings",
+                    "sliding_window": "sliding_window"}
+    VISION_KEYS = {"vision_layers": "num_hidden_layers", "vision_hidden": "hidden_size",
+                   "vision_heads": "num_attention_heads", "vision_intermediate": "intermediate_size"}
+
+    def given(self, keys: dict[str, str]) -> dict[str, int]:
+        """{config.json key: size} of the sizes set among `keys`."""
+        return {key: getattr(self, f) for f, key in keys.items() if getattr(self, f) is not None}
+
+    @property
+    def resizes_decoder(self) -> bool:
+        return any(getattr(self, f) is not None for f in ("layers", "hidden", "heads", "kv_heads", "intermediate"))
+
+
+def derive_config(base: dict, sizes: Sizes = Sizes()) -> dict:
+    """config.json of the source with the given decoder sizes replaced; LongRoPE factor lists follow the head dim."""
     d = json.loads(json.dumps(base))
-    for key, val in (("num_hidden_layers", layers), ("hidden_size", hidden), ("num_attention_heads", heads),
-                     ("num_key_value_heads", kv_heads), ("intermediate_size", intermediate),
-                     ("num_local_experts", experts), ("original_max_position_embeddings", original_max),
-                     ("sliding_window", sliding_window)):
-        if val is not None:
-            d[key] = val
-    if heads is not None and kv_heads is None:
-        d["num_key_value_heads"] = heads
+    d.update(sizes.given(Sizes.DECODER_KEYS))
+    if sizes.heads is not None and sizes.kv_heads is None:
+        d["num_key_value_heads"] = sizes.heads
     head_dim = d["hidden_size"] // d["num_attention_heads"]
     rs = d.get("rope_scaling")
     if isinstance(rs, dict) and "short_factor" in rs:
         rs["short_factor"] = _resample(rs["short_factor"], head_dim // 2)
         rs["long_factor"] = _resample(rs["long_factor"], head_dim // 2)
-        if "original_max_position_embeddings" in rs and original_max is not None:
-            rs["original_max_position_embeddings"] = original_max
+        if "original_max_position_embeddings" in rs and sizes.original_max is not None:
+            rs["original_max_position_embeddings"] = sizes.original_max
     d["torch_dtype"] = d.get("torch_dtype", "bfloat16")
     return d
 
 
-def derive_vision_config(d: dict, shrink: bool, layers=None, hidden=None, heads=None, intermediate=None) -> dict:
+def derive_vision_config(d: dict, shrink: bool, sizes: Sizes = Sizes()) -> dict:
     """Set `img_processor.vision_config` of a Phi-3-vision config.json in place: the given CLIP sizes over the
-    source's vision_config (or SMALL_CLIP) when `shrink` or a size is given; else keep it (none = real ViT-L/14-336)."""
-    given = {k: v for k, v in (("num_hidden_layers", layers), ("hidden_size", hidden), ("num_attention_heads", heads),
-                               ("intermediate_size", intermediate)) if v is not None}
+    source's vision_config (or SMALL_CLIP) when `shrink` or a CLIP size is given; else keep it (none = the real
+    ViT-L/14-336)."""
+    given = sizes.given(Sizes.VISION_KEYS)
     ip = d["img_processor"]
     if not (shrink or given):
         return d
@@ -97,7 +129,7 @@ def random_state_dict(cfg, seed: int, std: float, raw: dict | None = None,
         else:
             t = std * t
         state[name] = t.to(dtype)
-    if isinstance(cfg, PhiMoEConfig):
+    if isinstance(model, PhiMoEForCausalLM):  # the checkpoint layout: one tensor per expert
         for name in [k for k in state if ".experts.w" in k]:
             stacked = state.pop(name)
             head, w = name.rsplit(".", 1)
@@ -106,25 +138,25 @@ def random_state_dict(cfg, seed: int, std: float, raw: dict | None = None,
     return state
 
 
-def create_random(like: str | Path, out: str | Path, *, seed: int = 0, std: float = 0.02, dtype: str = "bfloat16",
-                  layers: int | None = None, hidden: int | None = None, heads: int | None = None,
-                  kv_heads: int | None = None, intermediate: int | None = None, experts: int | None = None,
-                  original_max: int | None = None, sliding_window: int | None = None,
-                  vision_layers: int | None = None, vision_hidden: int | None = None,
-                  vision_heads: int | None = None, vision_intermediate: int | None = None,
-                  max_shard_bytes: int = 2 << 30) -> Path:
-    """Write a random-weight checkpoint shaped like `like` (a config.json or a model folder) to `out`. For
-    Phi-3(.5)-vision a shrunk decoder gets the fixtures' small CLIP unless vision_* sizes are given."""
+def create_random(like: str | Path, out: str | Path, sizes: Sizes | None = None, *, seed: int = 0, std: float = 0.02,
+                  dtype: str = "bfloat16", max_shard_bytes: int = 2 << 30, **size_kw) -> Path:
+    """Write a random-weight checkpoint shaped like `like` (a config.json or a model folder) to `out`, resized by
+    `sizes` (or the same fields as keywords: layers=2, hidden=64, ...). For Phi-3(.5)-vision a resized decoder
+    gets the fixtures' small CLIP unless vision_* sizes are given."""
+    if sizes is None:
+        try:
+            sizes = Sizes(**size_kw)
+        except TypeError as e:
+            raise CheckpointError(f"create_random: {e}; the sizes are {[f.name for f in dataclasses.fields(Sizes)]}")
+    elif size_kw:
+        raise CheckpointError("create_random: pass the sizes either as `sizes` or as keywords, not both")
     like = Path(like)
     src_dir = like if like.is_dir() else like.parent
     cfg_path = like / "config.json" if like.is_dir() else like
-    d = derive_config(read_json(cfg_path, "config.json"), layers, hidden, heads, kv_heads, intermediate, experts,
-                      original_max, sliding_window)
-    vision = (vision_layers, vision_hidden, vision_heads, vision_intermediate)
+    d = derive_config(read_json(cfg_path, "config.json"), sizes)
     if is_vision_config(d):
-        shrink = any(v is not None for v in (layers, hidden, heads, kv_heads, intermediate))
-        derive_vision_config(d, shrink, *vision)
-    elif any(v is not None for v in vision):
+        derive_vision_config(d, sizes.resizes_decoder, sizes)
+    elif sizes.given(Sizes.VISION_KEYS):
         raise CheckpointError(f"{cfg_path} is not a Phi-3-vision config: the vision sizes only apply to "
                               "Phi3VForCausalLM; drop them or pass a vision model's config")
     cfg = config_from_dict(d)
@@ -136,7 +168,5 @@ def create_random(like: str | Path, out: str | Path, *, seed: int = 0, std: floa
     save_safetensors(state, out, max_shard_bytes)
     d["torch_dtype"] = str(torch_dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(d, indent=2))
-    for name in TOKENIZER_FILES:
-        if (src_dir / name).is_file():
-            shutil.copyfile(src_dir / name, out / name)
+    copy_tokenizer_files(src_dir, out)
     return out

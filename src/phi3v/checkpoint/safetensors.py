@@ -1,4 +1,5 @@
-"""Checkpoint folders: find them (local path or the Hugging Face cache), read safetensors memory-mapped, load strictly."""
+"""safetensors files read memory-mapped (by our own header parser: truncation is caught from the header) and
+written 64-byte aligned; the weight files of a checkpoint folder, sharded or not."""
 
 from __future__ import annotations
 
@@ -8,59 +9,15 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .config import Phi3Config, read_json
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from ..models.config import read_json
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise CheckpointError(f"unknown dtype {name!r}; use one of float32, bfloat16, float16")
-    return DTYPES[name]
-
-
-def hf_cache_dirs() -> list[Path]:
-    if os.environ.get("HF_HUB_CACHE"):
-        return [Path(os.environ["HF_HUB_CACHE"])]
-    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    return [home / "hub"]
-
-
-def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
-    """A local folder as is; a repo id like `microsoft/Phi-3.5-mini-instruct` from the local HF cache, no network."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    name = str(name_or_path)
-    looked = []
-    if name.count("/") == 1 and not path.exists():
-        for hub in hf_cache_dirs():
-            repo = hub / ("models--" + name.replace("/", "--"))
-            looked.append(str(repo))
-            snaps = repo / "snapshots"
-            ref = repo / "refs" / "main"
-            if ref.is_file() and (snaps / ref.read_text().strip()).is_dir():
-                return snaps / ref.read_text().strip()
-            if snaps.is_dir():
-                found = sorted(snaps.iterdir(), key=lambda p: p.stat().st_mtime)
-                if found:
-                    return found[-1]
-    where = f" nor in the Hugging Face cache ({', '.join(looked)})" if looked else ""
-    raise CheckpointError(
-        f"model {name!r} is not a local folder{where}. Pass a folder with config.json and *.safetensors, "
-        "or download the repo with `huggingface-cli download` on a machine with network first"
-    )
 
 
 class SafetensorsFile:
@@ -134,28 +91,6 @@ def read_state_dict(model_dir: Path, prefix: str = "") -> dict[str, torch.Tensor
     return state
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, where: Path) -> nn.Module:
-    """Strictly load `state` into a model built on the meta device: every key and shape must match."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        raise CheckpointError(f"weights in {where} do not match config.json: " + "; ".join(parts))
-    for k, t in expected.items():
-        if tuple(state[k].shape) != tuple(t.shape):
-            raise CheckpointError(
-                f"weight {k} in {where} has shape {tuple(state[k].shape)} but config.json implies {tuple(t.shape)}"
-            )
-    state = {k: (v if v.dtype == dtype or not v.is_floating_point() else v.to(dtype)) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
-
-
 ALIGN = 64  # tensors whose size is a multiple of this start at a multiple of it in the mapped file
 
 
@@ -202,33 +137,3 @@ def save_safetensors(state: dict[str, torch.Tensor], out_dir: Path, max_shard_by
         total += sum(v.numel() * v.element_size() for v in shard.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def build_model(cfg: Phi3Config, raw: dict | None = None):
-    """The model class for a config (on the current default device): text decoder or Phi-3-vision."""
-    from .model import CausalLM
-    from .multimodal import Phi3VForCausalLM, is_vision_config
-    from .vision import ImageEmbeddingConfig
-
-    if raw is not None and is_vision_config(raw):
-        return Phi3VForCausalLM(cfg, ImageEmbeddingConfig.from_config(raw))
-    return CausalLM(cfg)
-
-
-def load_causal_lm(model_dir: Path, cfg: Phi3Config, dtype: torch.dtype = torch.float32, device="cpu",
-                   raw: dict | None = None):
-    """Build the model on the meta device and load the checkpoint's weights into it strictly."""
-    with torch.device("meta"):
-        model = build_model(cfg, raw)
-    quantized = raw is not None and "quantization" in raw
-    if quantized:  # empty quantized modules, named as the checkpoint's tensors, before the strict load
-        from .quantize import pack_for_kernels, quantize_from_spec
-
-        quantize_from_spec(model, raw["quantization"])
-    state = type(model).sanitize(cfg, read_state_dict(model_dir))
-    if cfg.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    load_into(model, state, dtype, model_dir)
-    model.rotary = type(model.rotary)(cfg)  # non-persistent buffers are rebuilt, not loaded
-    model = model.to(device).eval()
-    return pack_for_kernels(model) if quantized else model  # kernel layouts are device specific: built here

@@ -1,18 +1,15 @@
-"""`phi3v bench`: prefill and decode throughput, time to first token and peak memory of one fixed workload,
-optionally beside transformers running the identical workload in the same process."""
+"""Measurements behind `phi3v bench`: prefill and decode throughput, time to first token and peak memory of one
+fixed workload, on phi3v's engine or on transformers' model running the identical workload."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import resource
-import sys
 import time
 
 import torch
 
-from .errors import Phi3VError
-from .generate import Prompt
+from .engine import Engine
+from .requests import Prompt
 from .sampling import SamplingParams
 
 FIRST_PLAIN_TOKEN = 100  # random prompts avoid the byte-fallback and special tokens at both ends of the vocab
@@ -29,9 +26,8 @@ def random_prompts(batch: int, length: int, seed: int = 0) -> list[list[int]]:
 
 def run_phi3v(model, prompts: list[list[int]], new_tokens: int, image=None, prefill_chunk: int | None = None,
               compile: bool = False) -> dict:
-    """One workload on a fresh engine: all prompts prefilled in one batch, then greedy decode to new_tokens."""
-    from .engine import Engine
-
+    """One workload on a fresh engine: all prompts prefilled in one batch, then greedy decode to new_tokens.
+    `model` is a loaded phi3v.api.Phi3Model."""
     P = max(len(p) for p in prompts)
     t0 = time.perf_counter()
     if image is not None:  # time to first token includes image processing and the vision tower
@@ -78,66 +74,3 @@ def run_transformers(path, prompts: list[list[int]], new_tokens: int, dtype: tor
     B, P = ids.shape
     return {"batch": B, "prompt_tokens": P, "new_tokens": new_tokens, "prefill_tok_s": B * P / (t1 - t0),
             "decode_tok_s": B * (new_tokens - 1) / (t2 - t1), "ttft_s": t1 - t0}
-
-
-def bench(args) -> dict:
-    from .api import load
-
-    torch.manual_seed(0)
-    model = load(args.model, dtype=args.dtype, quantize=args.quantize)
-    prompts = random_prompts(args.batch, args.prompt_tokens)
-    run_phi3v(model, random_prompts(args.batch, 8, seed=1), 4, prefill_chunk=8, compile=args.compile)  # warm-up
-    ours = run_phi3v(model, prompts, args.new_tokens, args.image, compile=args.compile)
-    ours["peak_rss_mib"] = peak_rss_mib()
-    result = {"model": str(model.path), "dtype": str(next(model.model.parameters()).dtype).removeprefix("torch."),
-              "quantize": args.quantize, "compile": args.compile, "threads": torch.get_num_threads(), "phi3v": ours}
-    if args.baseline == "transformers":
-        if model.is_vision or args.image:
-            raise Phi3VError("--baseline transformers needs a text model (Phi-3-vision needs remote code there)")
-        del model
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype, torch.float32)
-        run_transformers(args.model, random_prompts(args.batch, 8, seed=1), 4, dtype)  # warm-up
-        base = run_transformers(args.model, prompts, args.new_tokens, dtype)
-        result["transformers"] = base
-        result["ratio"] = {k: ours[k] / base[k] for k in ("prefill_tok_s", "decode_tok_s")}
-    return result
-
-
-def report(result: dict) -> str:
-    rows = [("phi3v", result["phi3v"])] + ([("transformers", result["transformers"])] if "transformers" in result else [])
-    lines = [f"model {result['model']}  dtype {result['dtype']}  quantize {result['quantize']}  "
-             f"threads {result['threads']}",
-             f"{'':14}{'prefill tok/s':>14}{'decode tok/s':>14}{'TTFT s':>9}"]
-    for name, r in rows:
-        lines.append(f"{name:14}{r['prefill_tok_s']:14.1f}{r['decode_tok_s']:14.2f}{r['ttft_s']:9.3f}")
-    r = result["phi3v"]
-    lines.append(f"batch {r['batch']}, {r['prompt_tokens']} prompt tokens, {r['new_tokens']} new tokens; "
-                 f"peak RSS (phi3v) {r['peak_rss_mib']:.0f} MiB")
-    if "ratio" in result:
-        lines.append("phi3v / transformers: prefill {prefill_tok_s:.2f}x, decode {decode_tok_s:.2f}x".format(
-            **result["ratio"]))
-    return "\n".join(lines)
-
-
-def cmd_bench(args) -> None:
-    result = bench(args)
-    print(json.dumps(result) if args.json else report(result))
-
-
-def register(sub) -> None:
-    p: argparse.ArgumentParser = sub.add_parser("bench", help="measure prefill/decode speed, TTFT and memory")
-    p.add_argument("--model", required=True)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--image", default=None, help="time an image prompt (vision models): TTFT includes the image")
-    p.add_argument("--baseline", choices=["transformers"], default=None)
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_bench)
-
-
-if __name__ == "__main__":
-    sys.exit(print("use: phi3v bench ..."))

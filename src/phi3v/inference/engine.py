@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import KVCache
-from .errors import ContextLengthError, InputError
-from .generate import Prompt, Step, check_prompt_fits, embed_ids
+from ..models.cache import KVCache
+from ..errors import ContextLengthError, InputError
+from .requests import Prompt, Step, check_prompt_fits, embed_ids
 from .sampling import SamplingParams, apply_repetition_penalty, make_sampler
 
 PREFILL, DECODE, FINISHED = "prefill", "decode", "finished"

@@ -13,7 +13,6 @@ from collections import OrderedDict
 
 import torch
 
-from .tokenizer import BYTE_TOKEN
 
 WS = " \t\n\r"
 MAX_DEPTH = 32  # deeper nesting is refused: every depth is new states to compute masks for
@@ -129,20 +128,10 @@ def cost(state: tuple) -> int:
 
 
 def token_texts(tokenizer) -> list[str | None]:
-    """The text each token id adds when decoded (sentencepiece pieces, '▁' as a space); None for special tokens and
-    for byte-fallback tokens of non-ASCII bytes, which JSON mode never allows."""
+    """The text each token id adds when decoded; None for special tokens and for byte-fallback tokens of non-ASCII
+    bytes, which JSON mode never allows."""
     added = tokenizer.added_token_ids
-    texts: list[str | None] = []
-    for i in range(tokenizer.vocab_size):
-        piece = tokenizer.id_to_token(i)
-        if i in added:
-            texts.append(None)
-        elif BYTE_TOKEN.fullmatch(piece):
-            b = int(piece[3:5], 16)
-            texts.append(chr(b) if b < 0x80 else None)
-        else:
-            texts.append(piece.replace("\u2581", " "))
-    return texts
+    return [None if i in added else text for i, (text, _) in enumerate(tokenizer.vocab_pieces())]
 
 
 def feed_text(state: tuple, text: str):

@@ -8,23 +8,14 @@ faster kernel by the number of rows; the results agree with `F.linear` to bfloat
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..hardware import cpu_has_native_bf16
+
 UPCAST_MIN_ROWS = 64  # from this many rows on, float32 GEMM (weight upcast on the fly) beats emulated bf16
 UPCAST_BLOCK = 1024  # output rows upcast at once (3072 inputs: 12 MB of float32)
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return True  # unknown platform: leave PyTorch's kernels alone
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
 class BF16Linear(nn.Linear):

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 
 @dataclass

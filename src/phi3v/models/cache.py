@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ContextLengthError
+from ..errors import ContextLengthError
 
 
 class KVCache:

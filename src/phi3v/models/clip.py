@@ -1,18 +1,15 @@
-"""Phi-3(.5)-vision image embedding: a CLIP ViT tower, the 2x2 HD merge with learnable separators, an MLP projector.
+"""The CLIP ViT vision tower of Phi-3(.5)-vision (`model.vision_embed_tokens.img_processor`).
 
-Notation: N crops, T tokens per crop (1 CLS + P patches), C CLIP width, nh heads, hd head dim, H decoder width,
-s = merged tokens per crop side (image_size / patch_size / 2, 12 for CLIP ViT-L/14-336).
-Module names equal the checkpoint's under `model.vision_embed_tokens.` so safetensors load with no renaming.
+Notation: N crops, T tokens per crop (1 CLS + P patches), C CLIP width, nh heads, hd head dim.
 """
 
-from dataclasses import dataclass, field, fields
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from phi3v.errors import CheckpointError, InputError
-from phi3v.image_processing import MERGE
 
 
 
@@ -31,7 +28,7 @@ class CLIPVisionConfig:
     hidden_act: str = "quick_gelu"
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CLIPVisionConfig":
+    def from_dict(cls, d: dict) -> CLIPVisionConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -40,68 +37,9 @@ class CLIPVisionConfig:
         return self.image_size // self.patch_size
 
 
-@dataclass
-class ImageEmbeddingConfig:
-    """What Phi3ImageEmbedding needs from a Phi3V config.json (`hidden_size`, `img_processor`, `embd_layer`)."""
-
-    hidden_size: int  # decoder width H
-    image_dim_out: int  # CLIP width C
-    num_img_tokens: int  # merged tokens per crop, s*s
-    layer_idx: int = -2  # index into CLIP's hidden_states (0 = embeddings after pre_layrnorm)
-    type_feature: str = "patch"
-    vision: CLIPVisionConfig = field(default_factory=CLIPVisionConfig)
-
-    @classmethod
-    def from_config(cls, config: dict) -> "ImageEmbeddingConfig":
-        """Build from a config.json dict; raise CheckpointError for what the reference does not support."""
-        ip, el = config.get("img_processor"), config.get("embd_layer")
-        if not isinstance(ip, dict) or not isinstance(el, dict):
-            raise CheckpointError("config.json has no `img_processor`/`embd_layer` dicts: not Phi-3-vision")
-        # Defaults are the reference code's (`kwargs.get(...)` in image_embedding_phi3_v.py).
-        supported = {
-            "img_processor.name": (ip.get("name"), "clip_vision_model"),
-            "embd_layer.embedding_cls": (el.get("embedding_cls"), "image"),
-            "embd_layer.use_hd_transform": (el.get("use_hd_transform", False), True),
-            "embd_layer.with_learnable_separator": (el.get("with_learnable_separator", False), True),
-            "embd_layer.hd_transform_order": (el.get("hd_transform_order", "glb_sub"), "sub_glb"),
-            "embd_layer.projection_cls": (el.get("projection_cls", "linear"), "mlp"),
-            "img_processor.type_feature": (ip.get("type_feature", "patch"), "patch"),
-        }
-        for key, (got, want) in supported.items():
-            if got != want:
-                raise CheckpointError(f"config.json {key} is {got!r}; only {want!r} (Phi-3/3.5-vision) is supported")
-        vision = CLIPVisionConfig.from_dict(ip.get("vision_config", {}))
-        cfg = cls(
-            hidden_size=config["hidden_size"],
-            image_dim_out=ip["image_dim_out"],
-            num_img_tokens=ip["num_img_tokens"],
-            layer_idx=ip.get("layer_idx", -2),
-            vision=vision,
-        )
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        v = self.vision
-        if self.image_dim_out != v.hidden_size:
-            raise CheckpointError(f"img_processor.image_dim_out {self.image_dim_out} != CLIP width {v.hidden_size}")
-        if v.image_size % v.patch_size or v.patches_per_side % MERGE:
-            raise CheckpointError(f"CLIP image_size {v.image_size} is not an even multiple of patch {v.patch_size}")
-        if self.num_img_tokens != self.side**2:
-            raise CheckpointError(f"img_processor.num_img_tokens {self.num_img_tokens} != {self.side}**2 merged tokens")
-        if not -(v.num_hidden_layers + 1) <= self.layer_idx <= v.num_hidden_layers:
-            raise CheckpointError(f"img_processor.layer_idx {self.layer_idx} is out of range for {v.num_hidden_layers}")
-        if v.hidden_act not in ACT:
-            raise CheckpointError(f"CLIP hidden_act {v.hidden_act!r} is not one of {sorted(ACT)}")
-
-    @property
-    def side(self) -> int:
-        return self.vision.patches_per_side // MERGE
-
-    @property
-    def num_layers_run(self) -> int:
-        """CLIP encoder layers to run so that the output is hidden_states[layer_idx]."""
-        return self.layer_idx % (self.vision.num_hidden_layers + 1)
+# CLIP ViT-L/14-336, the tower of Phi-3(.5)-vision: every HD crop and the global view are CROP_SIZE x CROP_SIZE
+CROP_SIZE = CLIPVisionConfig.image_size
+PATCH_SIZE = CLIPVisionConfig.patch_size  # 24 x 24 patches per crop
 
 
 # --------------------------------------------------------------------------- CLIP vision tower
@@ -195,62 +133,3 @@ class CLIPVisionModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, num_layers: int) -> torch.Tensor:
         return self.vision_model(pixel_values, num_layers)
-
-
-# --------------------------------------------------------------------------- Phi-3-vision image embedding
-
-class Phi3ImageEmbedding(nn.Module):
-    """HD crops -> rows of decoder-width image features (`model.vision_embed_tokens`, without the tied `wte`)."""
-
-    def __init__(self, cfg: ImageEmbeddingConfig):
-        super().__init__()
-        self.cfg = cfg
-        C4 = cfg.image_dim_out * MERGE**2
-        self.img_processor = CLIPVisionModel(cfg.vision)
-        self.glb_GN = nn.Parameter(torch.zeros(1, 1, C4))  # separates the sub-image grid from the global crop
-        self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, C4))  # ends every row of merged tokens ("newline")
-        H = cfg.hidden_size
-        self.img_projection = nn.Sequential(nn.Linear(C4, H), nn.GELU(), nn.Linear(H, H))  # exact-erf GELU
-
-    def img_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """CLIP hidden_states[layer_idx] without CLS: (N, 3, S, S) -> (N, P, C)."""
-        dtype = self.img_processor.vision_model.embeddings.patch_embedding.weight.dtype
-        return self.img_processor(pixel_values.to(dtype), self.cfg.num_layers_run)[:, 1:]
-
-    def merge_2x2(self, feats: torch.Tensor) -> torch.Tensor:
-        """(N, P, C) -> (N, s, s, 4C); channels are patches (2r,2c), (2r,2c+1), (2r+1,2c), (2r+1,2c+1)."""
-        N, _, C = feats.shape
-        s = self.cfg.side
-        x = feats.reshape(N, s, MERGE, s, MERGE, C).permute(0, 1, 3, 2, 4, 5)  # (N, s, s, 2, 2, C)
-        return x.reshape(N, s, s, MERGE * MERGE * C)
-
-    def with_newlines(self, grid: torch.Tensor) -> torch.Tensor:
-        """(rows, cols, 4C) -> (rows * (cols + 1), 4C): a sub_GN token after every row."""
-        sep = self.sub_GN[0].expand(grid.shape[0], 1, -1)  # (rows, 1, 4C)
-        return torch.cat([grid, sep], dim=1).flatten(0, 1)
-
-    def hd_rows(self, merged: torch.Tensor, h_c: int, w_c: int) -> torch.Tensor:
-        """Merged tokens of one image, (1 + h_c*w_c, s, s, 4C) with crop 0 global -> (rows, 4C) in 'sub_glb' order."""
-        s, C4 = self.cfg.side, merged.shape[-1]
-        glb, sub = merged[0], merged[1:]
-        sub = sub.reshape(h_c, w_c, s, s, C4).permute(0, 2, 1, 3, 4).reshape(h_c * s, w_c * s, C4)  # crops row-major
-        return torch.cat([self.with_newlines(sub), self.glb_GN[0], self.with_newlines(glb)], dim=0)
-
-    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
-        """pixel_values (n_img, n_crops+1, 3, S, S), image_sizes (n_img, 2) = padded HD (height, width)
-        -> one (num_image_tokens, H) tensor per image."""
-        n_img, n_crops1 = pixel_values.shape[:2]
-        if n_img == 0:
-            return []
-        S = self.cfg.vision.image_size
-        grids = [(h // S, w // S) for h, w in image_sizes.view(-1, 2).tolist()]  # host sync, once per batch of images
-        if len(grids) != n_img or any(h_c < 1 or w_c < 1 or h_c * w_c + 1 > n_crops1 for h_c, w_c in grids):
-            raise InputError(f"image_sizes {image_sizes.tolist()} do not fit pixel_values {tuple(pixel_values.shape)}: "
-                             f"each must be a padded HD (height, width) whose {S}x{S} crops fit in n_crops")
-        # Only the real crops (global + h_c*w_c) go through CLIP, all images in one batch; padding crops are skipped.
-        n_real = [1 + h_c * w_c for h_c, w_c in grids]
-        crops = torch.cat([pixel_values[i, :n] for i, n in enumerate(n_real)])  # (N, 3, S, S)
-        merged = self.merge_2x2(self.img_features(crops)).split(n_real)  # per image (1 + h_c*w_c, s, s, 4C)
-        rows = [self.hd_rows(m, h_c, w_c) for m, (h_c, w_c) in zip(merged, grids)]
-        out = self.img_projection(torch.cat(rows))  # (sum of rows, H), one projection for all images
-        return list(out.split([r.shape[0] for r in rows]))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 # rope_scaling "type" values and what they mean here. Phi-3 (2024) wrote "su", later releases "longrope".
 LONGROPE_TYPES = ("su", "longrope")
@@ -134,26 +134,6 @@ class PhiMoEConfig(Phi3Config):
             )
 
 
-# config.json "architectures" -> config class. Microsoft writes PhiMoE, transformers writes Phimoe.
-ARCHITECTURES: dict[str, type[Phi3Config]] = {
-    "Phi3ForCausalLM": Phi3Config,
-    "PhiMoEForCausalLM": PhiMoEConfig,
-    "PhimoeForCausalLM": PhiMoEConfig,
-    "Phi3VForCausalLM": Phi3Config,  # the decoder part; the vision tower reads its own keys
-}
-
-
-def config_from_dict(d: dict[str, Any]) -> Phi3Config:
-    """Pick the config class from `architectures` and build it; an unknown architecture is an error."""
-    archs = d.get("architectures") or []
-    for arch in archs:
-        if arch in ARCHITECTURES:
-            return ARCHITECTURES[arch].from_dict(d)
-    raise CheckpointError(
-        f"unsupported architecture {archs!r} in config.json; phi3v supports {sorted(ARCHITECTURES)}"
-    )
-
-
 def read_json(path: Path, what: str) -> dict[str, Any]:
     """Read a JSON file of a checkpoint, turning a missing or corrupt file into a CheckpointError naming it."""
     if not path.is_file():
@@ -166,7 +146,3 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         raise CheckpointError(
             f"{what} {path} holds a {type(obj).__name__}, not a JSON object: re-download or re-create it")
     return obj
-
-
-def load_config(model_dir: str | Path) -> Phi3Config:
-    return config_from_dict(read_json(Path(model_dir) / "config.json", "config.json"))

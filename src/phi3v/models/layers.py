@@ -1,24 +1,19 @@
-"""Phi-3 and Phi-3.5-MoE decoders. Module names equal the checkpoints' so safetensors load without renaming.
+"""Layers shared by the decoders (Phi-3, Phi-3.5-MoE) and the causal-LM base class they build on.
+Module names equal the checkpoints' so safetensors load without renaming.
 
-Notation: B batch, T new tokens, S attended keys (cache length), C hidden size, nh query heads,
-nkv key/value heads, hd head dim, E experts, V vocabulary.
+Notation (used in shape comments throughout phi3v.models): B batch, T new tokens, S attended keys (cache length),
+C hidden size, nh query heads, nkv key/value heads, hd head dim, E experts, V vocabulary.
 """
 
 from __future__ import annotations
-
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
-from .config import Phi3Config, PhiMoEConfig
-from .errors import CheckpointError
+from .config import Phi3Config
 from .rope import RotaryEmbedding, apply_rotary
-
-
-_PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
 class RMSNorm(nn.Module):
@@ -65,18 +60,6 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
-class MoEAttention(Attention):
-    def make_projections(self, cfg: PhiMoEConfig):
-        q, kv, bias = self.nh * self.hd, self.nkv * self.hd, cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, q, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv, bias=bias)
-        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=bias)
-
-    def qkv(self, x):
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-
-
 class MLP(nn.Module):
     def __init__(self, cfg: Phi3Config):
         super().__init__()
@@ -86,71 +69,6 @@ class MLP(nn.Module):
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(up * F.silu(gate))
-
-
-def sparsemixer_top2(scores: torch.Tensor, jitter_eps: float):
-    """Phi-3.5-MoE's router at inference: (N, E) logits -> weights (N, 2), experts (N, 2).
-
-    Not a softmax over the top-2: each pick is a softmax over the experts whose logit is within a
-    relative 2*jitter_eps of that pick's maximum, the second pick excluding the first expert.
-    """
-    def pick(masked_scores):
-        top, idx = masked_scores.max(dim=-1, keepdim=True)
-        factor = scores.abs().clamp(min=top)
-        outside = ((top - scores) / factor) > (2 * jitter_eps)
-        gates = torch.softmax(masked_scores.masked_fill(outside, float("-inf")), dim=-1)
-        return gates.gather(-1, idx), idx
-
-    w1, e1 = pick(scores)
-    w2, e2 = pick(scores.scatter(-1, e1, float("-inf")))
-    return torch.cat((w1, w2), dim=-1), torch.cat((e1, e2), dim=-1)
-
-
-class Experts(nn.Module):
-    """E SwiGLU experts stored stacked: w1 (gate) and w3 (up) (E, I, C), w2 (down) (E, C, I)."""
-
-    def __init__(self, cfg: PhiMoEConfig):
-        super().__init__()
-        E, C, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
-        self.w1 = nn.Parameter(torch.empty(E, I, C))
-        self.w2 = nn.Parameter(torch.empty(E, C, I))
-        self.w3 = nn.Parameter(torch.empty(E, I, C))
-
-    def _linear(self, h: torch.Tensor, name: str, e: int) -> torch.Tensor:
-        return F.linear(h, getattr(self, name)[e])
-
-    def forward(self, x, weights, experts):
-        # x: (N, C); weights, experts: (N, k); tokens are grouped by expert, one matmul per expert used
-        out = torch.zeros_like(x)
-        flat = experts.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
-        token = order // experts.shape[1]
-        w = weights.flatten()[order]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            t = token[start:start + n]
-            h = x[t]
-            h = self._linear(F.silu(self._linear(h, "w1", e)) * self._linear(h, "w3", e), "w2", e)
-            out.index_add_(0, t, (h * w[start:start + n, None]).to(out.dtype))
-            start += n
-        return out
-
-
-class SparseMoE(nn.Module):
-    def __init__(self, cfg: PhiMoEConfig):
-        super().__init__()
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
-        self.experts = Experts(cfg)
-        self.jitter_eps = cfg.router_jitter_noise
-
-    def forward(self, x):
-        B, T, C = x.shape
-        x = x.reshape(-1, C)
-        weights, experts = sparsemixer_top2(self.gate(x), self.jitter_eps)
-        return self.experts(x, weights, experts).view(B, T, C)
 
 
 class Block(nn.Module):
@@ -169,18 +87,6 @@ class Block(nn.Module):
         return x + self.ffn(self.post_attention_layernorm(x))
 
 
-class MoEBlock(Block):
-    def __init__(self, cfg: PhiMoEConfig):
-        nn.Module.__init__(self)
-        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.self_attn = MoEAttention(cfg)
-        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.block_sparse_moe = SparseMoE(cfg)
-
-    def ffn(self, x):
-        return self.block_sparse_moe(x)
-
-
 class DecoderModel(nn.Module):
     """`model.*` of the checkpoint: embeddings, layers, final norm."""
 
@@ -192,16 +98,30 @@ class DecoderModel(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Phi3ForCausalLM / PhiMoEForCausalLM. forward() is pure: all state lives in the cache passed in."""
+    """A decoder-only LM: `model.*` (embeddings, blocks, final norm), `lm_head` and the rotary embedding.
+    Each family subclasses it with its block and norm. forward() is pure: all state lives in the cache passed in."""
+
+    block: type[nn.Module] = Block
 
     def __init__(self, cfg: Phi3Config):
         super().__init__()
         self.config = cfg
-        moe = isinstance(cfg, PhiMoEConfig)
-        norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.rms_norm_eps) if moe else RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.model = DecoderModel(cfg, MoEBlock if moe else Block, norm)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=moe and cfg.lm_head_bias)
+        self.model = DecoderModel(cfg, type(self).block, self.make_norm(cfg))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=self.lm_head_bias(cfg))
         self.rotary = RotaryEmbedding(cfg)
+
+    @classmethod
+    def from_config(cls, cfg: Phi3Config, raw: dict | None = None) -> CausalLM:
+        """The model for a parsed config (`raw`: the whole config.json, for families with more parts)."""
+        return cls(cfg)
+
+    @staticmethod
+    def make_norm(cfg: Phi3Config) -> nn.Module:
+        return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    @staticmethod
+    def lm_head_bias(cfg: Phi3Config) -> bool:
+        return False
 
     def attention_mask(self, pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
         """(B, 1, T, S) bool: causal, within the sliding window when the config sets one."""
@@ -243,17 +163,5 @@ class CausalLM(nn.Module):
     # ---- weights ----
     @staticmethod
     def sanitize(cfg: Phi3Config, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Stack PhiMoE's per-expert weights (experts.{e}.w1.weight -> experts.w1 (E, I, C))."""
-        if not isinstance(cfg, PhiMoEConfig):
-            return state
-        out = {k: v for k, v in state.items() if not _PER_EXPERT.search(k)}
-        for name in list(state):
-            if ".experts.0.w" in name:
-                head, tail = name.split(".experts.0.")
-                w = tail.split(".")[0]
-                keys = [f"{head}.experts.{e}.{w}.weight" for e in range(cfg.num_local_experts)]
-                missing = [k for k in keys if k not in state]
-                if missing:
-                    raise CheckpointError(f"checkpoint is missing expert weights, e.g. {missing[0]}")
-                out[f"{head}.experts.{w}"] = torch.stack([state[k] for k in keys])
-        return out
+        """Checkpoint tensors -> this module's state dict (families with irregular layouts override it)."""
+        return state

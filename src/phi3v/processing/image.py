@@ -4,6 +4,8 @@ Reproduces the reference `Phi3VImageProcessor` (Hugging Face remote code) exactl
 README, items 5 and 6. Shapes: n images, K = num_crops, S = crop side (336), H x W the padded HD image.
 """
 
+from __future__ import annotations
+
 import base64
 import binascii
 import io
@@ -18,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from phi3v.errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError
+from ..models.clip import CROP_SIZE, PATCH_SIZE
+from ..models.phi3_v import MERGE
 
-CROP_SIZE = 336  # CLIP ViT-L/14-336 input side: every crop and the global view are CROP_SIZE x CROP_SIZE
-PATCH_SIZE = 14  # CLIP patch side: 24 x 24 patches per crop
-MERGE = 2  # 2 x 2 neighbouring patches are concatenated into one image token
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation, the reference's defaults
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_VALUE = 255  # the HD image is padded with white

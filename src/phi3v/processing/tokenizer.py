@@ -21,8 +21,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as Backend
 
-from .config import read_json
-from .errors import CheckpointError, InputError
+from ..models.config import read_json
+from ..errors import CheckpointError, InputError
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -159,6 +159,7 @@ class Tokenizer:
         end = backend.token_to_id(END_OF_TURN)
         stops = {*generation_eos, self.eos_token_id, end}
         self._stop_token_ids = frozenset(i for i in stops if i is not None)
+        self._pieces: list[tuple[str | None, bytes]] | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -224,6 +225,22 @@ class Tokenizer:
         if token is None:
             raise InputError(f"token id {token_id} is out of range [0, {self.vocab_size})")
         return token
+
+    def vocab_pieces(self) -> list[tuple[str | None, bytes]]:
+        """What each token id adds when decoded, as (text, UTF-8 bytes): the sentencepiece piece with '▁' as a space,
+        or a byte-fallback token's one byte (text None for a non-ASCII byte: no character on its own). Built once."""
+        if self._pieces is None:
+            pieces = []
+            for i in range(self.vocab_size):
+                piece = self.id_to_token(i)
+                if BYTE_TOKEN.fullmatch(piece):
+                    b = int(piece[3:5], 16)
+                    pieces.append((chr(b) if b < 0x80 else None, bytes([b])))
+                else:
+                    text = piece.replace("\u2581", " ")
+                    pieces.append((text, text.encode()))
+            self._pieces = pieces
+        return self._pieces
 
     @property
     def added_token_ids(self) -> frozenset[int]:

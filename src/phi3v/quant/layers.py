@@ -1,8 +1,9 @@
 """Weight-only int8 / int4 quantization, swapped in from outside the model (gpt-fast's `WeightOnlyInt8Linear` style).
 
 `quantize_model` replaces linear layers (and PhiMoE's stacked experts) in place and returns the spec that
-`save_quantized` writes to config.json as "quantization"; `loader.load_causal_lm` reads that spec back, builds the same
-empty modules on the meta device before its strict load and calls `pack_for_kernels` after it.
+`checkpoint.quantized.save_quantized` writes to config.json as "quantization"; `checkpoint.load.load_causal_lm` reads
+that spec back, builds the same empty modules on the meta device before its strict load and calls `pack_for_kernels`
+after it.
 
 Notation: N out features, K in features, G group size, M activation rows, E experts.
 Checkpoint layout (device independent; the kernels' own layouts are built after loading, by `pack_for_kernels`):
@@ -14,24 +15,12 @@ Checkpoint layout (device independent; the kernels' own layouts are built after 
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import config_from_dict, read_json
-from .errors import CheckpointError, InputError
-from .loader import (
-    load_causal_lm,
-    parse_dtype,
-    resolve_model_dir,
-    save_safetensors,
-    weight_files,
-)
-from .model import Experts
+from ..errors import CheckpointError, InputError
+from ..models.phimoe import Experts
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -281,63 +270,3 @@ def pack_for_kernels(model: nn.Module) -> nn.Module:
         if isinstance(m, QUANTIZED) and not next(m.buffers()).is_meta:
             m.pack()
     return model
-
-
-def save_quantized(model: nn.Module, spec: dict, src_dir, out_dir) -> Path:
-    """Write the quantized weights under the model's own names, config.json of src_dir with the "quantization"
-    entry, and src_dir's tokenizer/processor files. Weight files already in out_dir are replaced."""
-    from .random_checkpoint import TOKENIZER_FILES
-
-    src_dir, out_dir = Path(src_dir), Path(out_dir)
-    if out_dir.resolve() == src_dir.resolve():
-        raise InputError(f"write the quantized checkpoint to a new folder, not over its source {src_dir}")
-    raw = read_json(src_dir / "config.json", "config.json")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old in [*out_dir.glob("*.safetensors"), out_dir / "model.safetensors.index.json"]:
-        old.unlink(missing_ok=True)
-    save_safetensors(model.state_dict(), out_dir)
-    raw["quantization"] = spec
-    raw["torch_dtype"] = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
-    (out_dir / "config.json").write_text(json.dumps(raw, indent=2))
-    for name in TOKENIZER_FILES:
-        if (src_dir / name).is_file():
-            shutil.copyfile(src_dir / name, out_dir / name)
-    return out_dir
-
-
-def quantize_checkpoint(model_dir, out_dir, scheme: str = "int8", group_size: int = 128, include_vision: bool = True,
-                        dtype: str = "bfloat16") -> dict:
-    """Load a float checkpoint in dtype, quantize it and write it to out_dir; return the spec."""
-    check_scheme(scheme, group_size)
-    src = resolve_model_dir(model_dir)
-    raw = read_json(src / "config.json", "config.json")
-    if "quantization" in raw:
-        raise CheckpointError(f"{src} is already quantized ({raw['quantization']}); quantize the float checkpoint")
-    model = load_causal_lm(src, config_from_dict(raw), parse_dtype(dtype), raw=raw)
-    spec = quantize_model(model, scheme, group_size, include_vision)
-    save_quantized(model, spec, src, out_dir)
-    return spec
-
-
-def cmd_quantize(args) -> None:
-    spec = quantize_checkpoint(args.model, args.out, args.scheme, args.group_size, not args.no_vision, args.dtype)
-    dirs = (resolve_model_dir(args.model), Path(args.out))
-    before, after = (sum(f.stat().st_size for f in weight_files(d)) for d in dirs)
-    group = f", group size {spec['group_size']}" if spec["group_size"] else ""
-    print(f"wrote a weight-only {spec['scheme']}{group} checkpoint to {args.out}: weights "
-          f"{before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB ({after / before:.2f}x)")
-    if spec["skipped"]:
-        print(f"left in {args.dtype} ({len(spec['skipped'])} layers whose shape the kernels cannot take): "
-              + ", ".join(spec["skipped"]))
-
-
-def register(subparsers) -> None:
-    """Add `phi3v quantize` to the CLI's subparsers."""
-    p = subparsers.add_parser("quantize", help="write a weight-only int8/int4 copy of a checkpoint")
-    p.add_argument("--model", required=True, help="float checkpoint folder (or a repo id in the local HF cache)")
-    p.add_argument("--out", required=True, help="folder for the quantized checkpoint")
-    p.add_argument("--scheme", choices=SCHEMES, default="int8")
-    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=128, help="int4 only")
-    p.add_argument("--no-vision", action="store_true", help="keep the CLIP tower and img_projection in float")
-    p.add_argument("--dtype", default="bfloat16", help="dtype of scales, biases and unquantized weights")
-    p.set_defaults(func=cmd_quantize)

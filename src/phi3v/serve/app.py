@@ -1,36 +1,30 @@
-"""`phi3v serve`: an OpenAI-compatible HTTP server (and a web chat page) on the continuous-batching Engine.
+"""An OpenAI-compatible HTTP server (and a web chat page) on the continuous-batching Engine.
 
-One background thread owns the engine and steps it while there is work. Requests reach it through a thread-safe
-inbox; their tokens come back to the asyncio side with `loop.call_soon_threadsafe` into per-request asyncio queues.
-Prompts (and images, through the vision tower) are prepared on one more thread, so decoding never waits for them.
+The engine runs on its own thread (worker.py); tokens come back to the asyncio side with
+`loop.call_soon_threadsafe` into per-request asyncio queues. Prompts (and images, through the vision tower) are
+prepared on one more thread, so decoding never waits for them.
 """
 
+# no `from __future__ import annotations`: FastAPI reads the route handlers' annotations (Request) at run time
 import asyncio
 import hmac
-import ipaddress
 import json
-import os
-import queue
-import sys
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from .api import TextRow
-from .engine import Engine
-from .errors import InputError
-from .generate import Prompt
-from .image_processing import DEFAULT_MAX_PIXELS
-from .sampling import SamplingParams
-from .server_schemas import APIError, ChatRequest, CompletionRequest, Out, Reply, chat_messages, \
-    load_request_image, token_labels
+from ..errors import InputError
+from ..inference.engine import Engine
+from ..inference.requests import Prompt
+from ..processing.image import DEFAULT_MAX_PIXELS
+from .protocol import APIError, ChatRequest, CompletionRequest, Reply, chat_messages, load_request_image, token_labels
+from .worker import Job, QueueFull, Worker
 
 STATIC = Path(__file__).resolve().parent / "static"
-IDLE_POLL_S = 0.5  # how often an idle engine thread wakes to check for shutdown
 API_KEY_ENV = "PHI3V_API_KEY"
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 
@@ -50,134 +44,6 @@ class Settings:
     model_name: str | None = None  # default: the checkpoint folder's name
     shutdown_grace_s: float = 5.0  # in-flight requests get this long to finish at shutdown
     max_body_bytes: int = 64 << 20  # larger request bodies (base64 images included) answer 413
-
-
-# --------------------------------------------------------------------------- the engine thread
-
-@dataclass
-class Job:
-    prompt: Prompt
-    params: list[SamplingParams]  # one per choice
-    stop_ids: frozenset[int]
-    processors: list[list]  # per choice
-    logprobs: int | None
-    sink: object  # fn(list[Out] | Exception), called on the engine thread
-    ticket: int = 0
-    rows: dict = field(default_factory=dict)  # engine request id -> (choice index, TextRow)
-
-
-class QueueFull(Exception):
-    pass
-
-
-class Worker:
-    """Owns the engine: adds, steps and cancels on its own thread; everything else talks to it through the inbox."""
-
-    def __init__(self, model, engine: Engine, max_queue: int):
-        self.model, self.engine, self.max_queue = model, engine, max_queue
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.jobs: dict[int, Job] = {}
-        self.lock = threading.Lock()
-        self.in_inbox = self.waiting = 0  # engine requests not yet added / added but waiting for a slot
-        self.running = 0
-        self.generated = 0
-        self._tickets = 0
-        self._thread = threading.Thread(target=self._run, name="phi3v-engine", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def submit(self, job: Job) -> int:
-        """Queue a job; raises QueueFull when the waiting requests would exceed max_queue."""
-        with self.lock:
-            if self.in_inbox + self.waiting + len(job.params) > self.max_queue:
-                raise QueueFull
-            self.in_inbox += len(job.params)
-            self._tickets += 1
-            job.ticket = self._tickets
-        self.inbox.put(("add", job))
-        return job.ticket
-
-    def cancel(self, ticket: int) -> None:
-        self.inbox.put(("cancel", ticket))
-
-    def stop(self) -> None:
-        """Cancel what is left and end the thread."""
-        self.inbox.put(("stop", None))
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            try:  # wait for work while idle; otherwise only pick up what is there
-                busy = self.engine.has_work()
-                msgs = [self.inbox.get_nowait() if busy else self.inbox.get(timeout=IDLE_POLL_S)]
-            except queue.Empty:
-                msgs = []
-            while True:  # everything queued so far, without blocking
-                try:
-                    msgs.append(self.inbox.get_nowait())
-                except queue.Empty:
-                    break
-            for kind, arg in msgs:
-                if kind == "stop":
-                    for ticket in list(self.jobs):
-                        self._cancel(ticket)
-                    return
-                self._add(arg) if kind == "add" else self._cancel(arg)
-            if self.engine.has_work():
-                try:
-                    self._dispatch(self.engine.step())
-                except Exception as e:  # a bug, not a bad request: fail what is running, keep serving
-                    for ticket, job in list(self.jobs.items()):
-                        job.sink(e)
-                        self._cancel(ticket)
-            with self.lock:
-                self.waiting, self.running = len(self.engine.waiting), len(self.engine.running)
-
-    def _add(self, job: Job) -> None:
-        try:
-            for i, (params, procs) in enumerate(zip(job.params, job.processors)):
-                rid = self.engine.add(job.prompt, params, job.stop_ids, processors=procs, logprobs=job.logprobs)
-                job.rows[rid] = (i, TextRow(self.model.tokenizer, params.stop))
-            self.jobs[job.ticket] = job
-        except Exception as e:  # the handler checked the prompt: this is unexpected
-            job.sink(e)
-            for rid in job.rows:
-                self.engine.cancel(rid)
-        finally:
-            with self.lock:
-                self.in_inbox -= len(job.params)
-                self.waiting = len(self.engine.waiting)
-
-    def _cancel(self, ticket: int) -> None:
-        job = self.jobs.pop(ticket, None)
-        for rid in job.rows if job else ():
-            self.engine.cancel(rid)
-
-    def _dispatch(self, steps) -> None:
-        owner = {rid: job for job in self.jobs.values() for rid in job.rows}
-        batches: dict[int, list[Out]] = {}
-        for s in steps:
-            job = owner.get(s.row)
-            if job is None or s.row not in job.rows:
-                continue
-            index, row = job.rows[s.row]
-            if s.token < 0:  # no room for any token
-                delta, row.finish_reason = "", s.finish_reason
-            else:
-                delta = row.push(s.token, s.finish_reason, job.stop_ids)
-                self.generated += 1
-            if row.finish_reason is not None:
-                if s.finish_reason is None:  # a stop string ended it: free the slot now
-                    self.engine.cancel(s.row)
-                del job.rows[s.row]
-            batches.setdefault(job.ticket, []).append(
-                Out(index, delta, s.token, row.finish_reason, s.logprob, s.top_logprobs, len(row.token_ids)))
-        for ticket, outs in batches.items():
-            job = self.jobs[ticket]
-            job.sink(outs)
-            if not job.rows:
-                del self.jobs[ticket]
 
 
 # --------------------------------------------------------------------------- the app
@@ -201,7 +67,7 @@ class Service:
 
     def json_vocab(self):
         if self._json_vocab is None:
-            from .json_mode import JsonVocab
+            from ..inference.json_mode import JsonVocab
 
             self._json_vocab = JsonVocab(self.model.tokenizer, self.model.config.vocab_size)
         return self._json_vocab
@@ -479,55 +345,3 @@ def running(app, host: str = "127.0.0.1", port: int = 0):
         server.should_exit = True
         thread.join()
         sock.close()
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def cmd_serve(args) -> None:
-    import uvicorn
-
-    from .api import load
-
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    if not api_key and not _is_loopback(args.host):
-        print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use the "
-              f"model. Pass --api-key or set {API_KEY_ENV}.", file=sys.stderr)
-    model = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
-    settings = Settings(max_batch=args.max_batch, max_context=args.max_context, api_key=api_key,
-                        allow_dirs=tuple(Path(d).resolve() for d in args.allow_dir or []), max_queue=args.max_queue,
-                        max_images=args.max_images, max_image_pixels=args.max_image_pixels,
-                        max_tokens_limit=args.max_tokens_limit, model_name=args.served_model_name)
-    app = create_app(model, settings)
-    print(f"serving {app.state.service.name} on http://{args.host}:{args.port} (chat page at /, API at /v1)",
-          file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
-                timeout_graceful_shutdown=settings.shutdown_grace_s)
-
-
-def register(subparsers) -> None:
-    """Add `phi3v serve` to the CLI's subparsers."""
-    d = Settings()
-    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server and web chat page")
-    p.add_argument("--model", required=True, help="checkpoint folder or a repo id in the local HF cache")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quantize", default=None, help="int8 or int4 weight-only quantization")
-    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help="requests decoded together (cache slots)")
-    p.add_argument("--max-context", type=int, default=d.max_context, help="tokens per slot: prompt + answer")
-    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
-    p.add_argument("--allow-dir", action="append", help="folder file:// image URLs may read from (repeatable)")
-    p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before answering 429")
-    p.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
-    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="pixels per image")
-    p.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit, help="largest max_tokens accepted")
-    p.set_defaults(func=cmd_serve)

@@ -14,10 +14,9 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import InputError
-from .image_processing import decode_data_url, load_image
-from .sampling import SamplingParams
-from .tokenizer import BYTE_TOKEN
+from ..errors import InputError
+from ..inference.sampling import SamplingParams
+from ..processing.image import decode_data_url, load_image
 
 MAX_N = 16  # choices per request
 MAX_TOP_LOGPROBS = 20  # as OpenAI (chat); completions allow 5
@@ -236,17 +235,8 @@ def completion_logprobs(label, items: list[tuple], offset: int) -> dict:
 
 @cache
 def token_labels(tokenizer) -> list[tuple[str, bytes]]:
-    """(text, UTF-8 bytes) of every token id, for logprobs: pieces with '▁' as a space, byte tokens as their byte."""
-    out = []
-    for i in range(tokenizer.vocab_size):
-        piece = tokenizer.id_to_token(i)
-        if BYTE_TOKEN.fullmatch(piece):
-            b = int(piece[3:5], 16)
-            out.append((chr(b) if b < 0x80 else f"bytes:\\x{b:02x}", bytes([b])))
-        else:
-            text = piece.replace("\u2581", " ")
-            out.append((text, text.encode()))
-    return out
+    """(text, UTF-8 bytes) of every token id, for logprobs; a non-ASCII byte token's text is `bytes:\\xNN`."""
+    return [(text if text is not None else f"bytes:\\x{raw[0]:02x}", raw) for text, raw in tokenizer.vocab_pieces()]
 
 
 @dataclass

@@ -1,0 +1,7 @@
+"""`python -m phi3v ...` = `phi3v ...`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,40 @@
+"""What this machine's CPU can do, read once from /proc/cpuinfo: the one place phi3v asks about CPU features."""
+
+from __future__ import annotations
+
+import functools
+
+NATIVE_BF16 = ("avx512_bf16", "amx_bf16")  # bfloat16 dot products in hardware
+AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")  # what PyTorch's AVX512 kernels need
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags, or None where /proc/cpuinfo cannot be read (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):  # x86 / ARM
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where bfloat16 arithmetic runs in hardware (AVX512_BF16, AMX), or where the CPU is unknown (leave
+    PyTorch's kernels alone); False where PyTorch emulates it."""
+    flags = cpu_flags()
+    return flags is None or any(f in flags for f in NATIVE_BF16)
+
+
+def cpu_prefers_bf16() -> bool:
+    """Whether dtype "auto" picks bfloat16 on this CPU: with AVX-512 (its bf16 is fast enough even when emulated,
+    with inference.kernels' linears) or native bf16; AVX2-only CPUs run float32."""
+    flags = cpu_flags() or frozenset()
+    return all(f in flags for f in AVX512) or any(f in flags for f in NATIVE_BF16)
+
+
+def auto_dtype(device: str) -> str:
+    """The dtype "auto" stands for on a device: bfloat16 on accelerators and on CPUs that prefer it, else float32."""
+    return "bfloat16" if device != "cpu" or cpu_prefers_bf16() else "float32"

@@ -1,0 +1,1 @@
+"""Text and images into model inputs: tokenizer and chat template, image processing, image-tag prompts."""

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: protocol (request and response schemas), worker (the engine thread), app."""
