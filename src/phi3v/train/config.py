@@ -11,7 +11,8 @@ from pathlib import Path
 
 from phi3v.errors import InputError
 
-TASKS = ["sft", "pretrain"]  # the adapters/DPO work adds "dpo"
+TASKS = ["sft", "pretrain", "dpo"]
+LORA_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # the decoder's linears (phi3v.train.lora)
 PARTS = ("tower", "projector", "decoder")  # what pretraining stages freeze or train
 
 
@@ -92,6 +93,22 @@ class TrainConfig:
     activation_checkpointing: bool = opt(False, "recompute decoder layers in backward (less memory)",
                                          action="store_true")
     export_dtype: str | None = opt(None, "dtype of the exported model (default: the training dtype)")
+    lora_r: int = opt(0, "LoRA rank: train adapters only (0: full fine-tuning)", type=int)
+    lora_alpha: float = opt(16.0, "LoRA alpha (the update is scaled by alpha / r)", type=float)
+    lora_dropout: float = opt(0.0, "dropout on the adapters' input", type=float)
+    lora_targets: list = opt(lambda: list(LORA_TARGETS), "modules to adapt: qkv_proj o_proj gate_up_proj down_proj "
+                             "img_projection q_proj k_proj v_proj out_proj fc1 fc2 (CLIP), or full module names "
+                             "(default: the decoder's four)", nargs="+")
+    qlora: str | None = opt(None, "QLoRA: quantize the adapted layers to int4 or int8 (frozen) under the adapters",
+                            choices=["int4", "int8"])
+    qlora_group_size: int = opt(128, "int4 group size for --qlora int4", type=int, choices=[32, 64, 128])
+    beta: float = opt(0.1, "DPO beta: how far the policy may move from the reference", type=float)
+    dpo_loss: str = opt("sigmoid", "DPO loss as TRL defines it", choices=["sigmoid", "ipo", "hinge", "robust"])
+    label_smoothing: float = opt(0.0, "DPO label smoothing in [0, 0.5) (sigmoid and robust)", type=float)
+    sft_weight: float = opt(0.0, "weight of an SFT term on the chosen answers in DPO (0: none)", type=float)
+    ref: str | None = opt(None, "DPO reference log-probs: adapters (the base with adapters off; default with "
+                          "--lora-r), copy (a frozen copy; default otherwise) or precomputed (once, to OUT)",
+                          choices=["adapters", "copy", "precomputed"])
 
     def __post_init__(self):
         self.stages = parse_stages(self.stages)
@@ -111,6 +128,11 @@ class TrainConfig:
             raise InputError("give --steps or --epochs, not both")
         if self.stages and self.task != "pretrain":
             raise InputError("--stages are for pretrain")
+        if self.lora_r < 0 or (self.qlora and not self.lora_r):
+            raise InputError("--qlora trains adapters: give a positive --lora-r too" if self.qlora
+                             else f"--lora-r must be positive (or 0 for full fine-tuning), got {self.lora_r}")
+        if self.lora_r and not self.lora_targets:
+            raise InputError("--lora-targets needs at least one module name, e.g. qkv_proj o_proj")
         return self
 
     def to_dict(self) -> dict:

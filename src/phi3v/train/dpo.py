@@ -146,12 +146,12 @@ def encode_pair(encoder: Encoder, record: Preference, index: int) -> PairSample:
     return PairSample(chosen, rejected, index)
 
 
-def encode_pairs(encoder: Encoder, records: list[Preference], bad: BadRecords) -> list[PairSample]:
-    """Pairs of the good records, numbered in order; the others go to `bad` with their file:line."""
+def encode_pairs(encoder: Encoder, records: list[Preference], bad: BadRecords, start: int = 0) -> list[PairSample]:
+    """Pairs of the good records, numbered in order from `start`; the others go to `bad` with their file:line."""
     out = []
     for r in records:
         try:
-            out.append(encode_pair(encoder, r, len(out)))
+            out.append(encode_pair(encoder, r, start + len(out)))
         except InputError as e:
             bad.add(r.where, str(e))
     return out
@@ -242,9 +242,9 @@ def dpo_loss_fn(model: nn.Module, batch: PairBatch) -> LossOutput:
 def precompute_reference(model: nn.Module, pairs: list[PairSample], collate_fn: Callable[[list], PairBatch],
                          batch_size: int = 8, progress: Callable[[int, int], None] | None = None,
                          device=None) -> torch.Tensor:
-    """(N, 2) reference log-probs (chosen, rejected) of every pair, in pair-index order; image prompts too. Run
+    """(N, 2) reference log-probs (chosen, rejected): row i is the pair whose index is i (image prompts too). Run
     before adapters are attached (or inside disable_adapters) so that it is the reference model."""
-    table = torch.zeros(len(pairs), 2, dtype=torch.float32)
+    table = torch.full((1 + max((p.index for p in pairs), default=-1), 2), float("nan"))
     was_training = model.training
     model.eval()
     for start in range(0, len(pairs), batch_size):
@@ -260,7 +260,7 @@ def precompute_reference(model: nn.Module, pairs: list[PairSample], collate_fn: 
     return table
 
 
-REFERENCE_FILE = "reference_logps.safetensors"
+REFERENCE_FILE = "dpo_reference/logps.safetensors"  # under OUT; its own folder: the export replaces OUT/*.safetensors
 
 
 def save_reference(table: torch.Tensor, path) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -34,7 +35,8 @@ BASES = (nn.Linear, WeightOnlyInt8Linear, WeightOnlyInt4Linear)
 class LoRALinear(nn.Module):
     """A frozen linear (float or weight-only quantized) plus a trainable low-rank update."""
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 generator: torch.Generator | None = None):
         super().__init__()
         if r < 1:
             raise InputError(f"LoRA rank {r} must be a positive integer")
@@ -48,15 +50,20 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(K, r, bias=False, device=ref.device, dtype=dtype)
         self.lora_B = nn.Linear(r, N, bias=False, device=ref.device, dtype=dtype)
         nn.init.zeros_(self.lora_B.weight)
+        if generator is not None:  # the same init on any device: drawn on the CPU from the generator
+            with torch.no_grad():
+                a = torch.empty(self.lora_A.weight.shape, dtype=dtype)
+                self.lora_A.weight.copy_(nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator))
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged, self.enabled = False, True
 
     @classmethod
-    def from_base(cls, linear: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> LoRALinear:
+    def from_base(cls, linear: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                  generator: torch.Generator | None = None) -> LoRALinear:
         if not isinstance(linear, BASES):
             raise InputError(f"LoRA wraps nn.Linear or a weight-only int8/int4 linear, not {type(linear).__name__}")
-        return cls(linear, r, alpha, dropout)
+        return cls(linear, r, alpha, dropout, generator)
 
     @property
     def in_features(self) -> int:
@@ -162,18 +169,20 @@ def select_targets(model: nn.Module, targets) -> list[str]:
 
 
 def apply_lora(model: nn.Module, targets=DECODER_TARGETS, r: int = 8, alpha: float = 16.0,
-               dropout: float = 0.0) -> list[str]:
+               dropout: float = 0.0, seed: int | None = None) -> list[str]:
     """Freeze every parameter of the model and wrap the target linears in LoRALinear (in place); return their
-    names. Only the adapters' lora_A / lora_B are trainable afterwards."""
+    names. Only the adapters' lora_A / lora_B are trainable afterwards. `seed` draws A reproducibly (default:
+    torch's global RNG)."""
     if lora_layers(model):
         raise InputError("the model already has LoRA adapters; merge or load into a fresh model")
     names = select_targets(model, targets)
     for p in model.parameters():
         p.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
     for name in names:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, LoRALinear.from_base(getattr(owner, child), r, alpha, dropout))
+        setattr(owner, child, LoRALinear.from_base(getattr(owner, child), r, alpha, dropout, g))
     return names
 
 

@@ -26,14 +26,17 @@ from phi3v.processing.tokenizer import Tokenizer
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .dpo import collate_pairs, encode_pairs
 from .export import export_hf
 from .loop import autocast_dtype, evaluate, make_optimizer, rank_and_world, train, warmup_cosine, wrap_model
 from .losses import next_token_loss
+from .lora import lora_layers
 from .plot import plot_losses
+from .tuning import attach_adapters, finish_adapters, make_dpo_loss
 
 METRICS = "metrics.jsonl"
 LOSS_PNG = "loss.png"
-RECORD_KIND = {"sft": "conversation", "pretrain": "caption"}  # task -> records it reads (dpo: "preference")
+RECORD_KIND = {"sft": "conversation", "pretrain": "caption", "dpo": "preference"}  # task -> records it reads
 TOWER, PROJECTOR = "model.vision_embed_tokens.img_processor.", "model.vision_embed_tokens."
 
 
@@ -42,7 +45,8 @@ def lm_loss(setup: Setup):
                              checkpointing=setup.cfg.activation_checkpointing)
 
 
-LOSSES: dict[str, Callable] = {"sft": lm_loss, "pretrain": lm_loss}  # task -> (setup -> loss_fn(model, batch))
+LOSSES: dict[str, Callable] = {"sft": lm_loss, "pretrain": lm_loss,  # task -> (setup -> loss_fn(model, batch))
+                               "dpo": make_dpo_loss}
 
 
 def part_of(name: str) -> str:
@@ -72,7 +76,8 @@ class Setup:
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def collate(self, samples: list):
-        return collate(samples, self.pad_id, self.encoder.processor, self.encoder.num_crops)
+        fn = collate_pairs if self.cfg.task == "dpo" else collate  # dpo: PairSamples -> chosen and rejected rows
+        return fn(samples, self.pad_id, self.encoder.processor, self.encoder.num_crops)
 
 
 def seed_everything(seed: int) -> None:
@@ -89,17 +94,20 @@ def prepare(cfg: TrainConfig) -> Setup:
     mcfg = config_from_dict(raw)
     device = torch.device(cfg.device)
     model = load_causal_lm(model_dir, mcfg, parse_dtype(cfg.dtype), device, raw=raw)
+    attach_adapters(model, cfg)  # --lora-r / --qlora: only adapters train
     tokenizer = Tokenizer.from_dir(model_dir)
     processor = ImageProcessor.from_dir(model_dir) if is_vision_config(raw) else None
     encoder = Encoder(tokenizer, processor, cfg.num_crops if processor is not None else None, cfg.max_length)
     bad = BadRecords(cfg.on_bad_record)
     kind = RECORD_KIND.get(cfg.task, "conversation")
     records, read = read_records(cfg.data, kind, bad)
-    samples = encoder.encode_all(records, bad)
+    encode = encoder.encode_all if cfg.task != "dpo" else functools.partial(encode_pairs, encoder)
+    samples = encode(records, bad)
     eval_samples = []
     if cfg.eval_data:
         eval_records, n = read_records(cfg.eval_data, kind, bad)
-        eval_samples, read = encoder.encode_all(eval_records, bad), read + n
+        more = {"start": len(samples)} if cfg.task == "dpo" else {}  # pair indices run on (precomputed references)
+        eval_samples, read = encode(eval_records, bad, **more), read + n
     coef = float(raw.get("router_aux_loss_coef", 0.001)) if raw.get("num_local_experts") else 0.0
     return Setup(cfg, model_dir, raw, model, encoder, samples, eval_samples, bad, read, coef, device)
 
@@ -108,7 +116,8 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     lrs = {"tower": cfg.lr_tower or cfg.lr, "projector": cfg.lr_projector or cfg.lr, "decoder": cfg.lr}
     groups: dict[str, list] = {}
     for name, p in model.named_parameters():
-        groups.setdefault(part_of(name), []).append(p)
+        if p.requires_grad:  # all of them, except under adapters
+            groups.setdefault(part_of(name), []).append(p)
     return [{"name": part, "params": ps, "lr": lrs[part]} for part, ps in groups.items()]
 
 
@@ -157,8 +166,10 @@ def fit(setup: Setup, progress: Callable[[dict], None] | None = None) -> RunResu
     seed_everything(cfg.seed)
     loader = Loader(setup.samples, cfg.batch, setup.collate, seed=cfg.seed, rank=rank, world=world)
     steps = cfg.steps or max(1, math.ceil((cfg.epochs or 1) * loader.batches_per_epoch / cfg.grad_accum))
-    for p in model.parameters():
-        p.requires_grad_(True)
+    adapters = bool(lora_layers(model))
+    if not adapters:
+        for p in model.parameters():
+            p.requires_grad_(True)
     optimizer = make_optimizer(param_groups(model, cfg), cfg.lr, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, steps, cfg.min_lr_ratio))
     loss_fn = LOSSES[cfg.task](setup)
@@ -195,7 +206,7 @@ def fit(setup: Setup, progress: Callable[[dict], None] | None = None) -> RunResu
         if cfg.save_every and step % cfg.save_every == 0:
             save_checkpoint(out, step, model=model, optimizer=optimizer, scheduler=scheduler,
                             loader_state=loader.state_dict(), rank=rank, keep=cfg.keep_checkpoints,
-                            extra={"task": cfg.task})
+                            extra={"task": cfg.task}, trainable_only=adapters)
 
     last = train(wrapped, loss_fn, loader, optimizer, scheduler, steps=steps, start_step=start,
                  grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm or None, device=setup.device,
@@ -203,7 +214,9 @@ def fit(setup: Setup, progress: Callable[[dict], None] | None = None) -> RunResu
     run_eval(steps)
     export_dtype = parse_dtype(cfg.export_dtype) if cfg.export_dtype else None
     num_crops = setup.encoder.num_crops if setup.encoder.vision else None
-    export_hf(model, setup.raw, setup.model_dir, out, num_crops=num_crops, dtype=export_dtype)
+    final = finish_adapters(model, out, setup.model_dir)  # OUT/adapter; merged for the export (None: QLoRA)
+    if final is not None:
+        export_hf(final, setup.raw, setup.model_dir, out, num_crops=num_crops, dtype=export_dtype)
     history = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
     plot_losses(history, out / LOSS_PNG)
     return RunResult(out, steps, last, resumed, history)
