@@ -109,10 +109,23 @@ def test_bad_item_is_reported_not_fatal(model, synth_dir):
 
 def test_batches_group_by_budget():
     task = get_task("synth")
-    items = [ds.Item(str(k), "q", ["a"], meta={"kind": kind}) for k, kind in enumerate(
-        ["price", "markdown", "price", "json", "price"])]
-    assert runner.batches(task, items, 2, None) == [(32, [0, 2]), (32, [4]), (512, [1, 3])]
+    answers = [["$4.50", "4.50"], ["| a |\n|---|\n| 1 |"], ["March"], ["[]"], ["£1"]]
+    items = [ds.Item(str(k), f"q{k}", a) for k, a in enumerate(answers)]
+    assert [task.budget(i) for i in items] == [21, 33, 21, 18, 19]  # UTF-8 bytes of the longest answer + 16
+    assert runner.batches(task, items, 2, None) == [(19, [3, 4]), (21, [0, 2]), (33, [1])]
     assert runner.batches(task, items, 8, 5) == [(5, [0, 1, 2, 3, 4])]
+    same = [ds.Item(str(k), "How many?" if k < 3 else f"Q{k}", ["3"]) for k in range(5)]
+    assert runner.batches(task, same, 2, None) == [(17, [0, 3]), (17, [1, 4]), (17, [2])]  # no repeated prompt
+
+
+def test_same_question_different_images_in_one_run(model, synth_dir):
+    task, items = get_task("synth"), ds.load_synth(synth_dir, "test")
+    for item in items:
+        item.question = "How many shapes?"  # same prompt ids where the images give the same token counts
+    rep = runner.evaluate(model, task, items, batch=3, max_new_tokens=NEW_TOKENS)
+    direct = [model.generate(runner.conversation(task, i), max_new_tokens=NEW_TOKENS, temperature=0).text
+              for i in items]
+    assert [r["prediction"] for r in rep["items"]] == direct
 
 
 def cli(*argv):
@@ -139,3 +152,49 @@ def test_cli_report_chart_and_rescore(model_dir, synth_dir, tmp_path, capsys):
     assert "overall" in table and "exact match" in table
     with pytest.raises(InputError, match="--model"):
         cli("--task", "synth", "--data", str(synth_dir))
+
+
+# ---- task-level scoring through rescore (no model): grouping and aggregation as the references do it
+def Item(id, answers, category="", choices=(), **meta):
+    return ds.Item(str(id), "q", list(answers), [], category, list(choices), meta)
+
+
+def test_mmbench_circular_report():
+    items = [Item(1, ["A"], "color", ["red", "blue"], index=1), Item(1_000_001, ["B"], "color", ["blue", "red"],
+             index=1_000_001), Item(2, ["A"], "shape", ["box", "ball"], index=2),
+             Item(1_000_002, ["B"], "shape", ["ball", "box"], index=1_000_002)]
+    preds = ["A", "B. red", "A", "A"]  # group 1 right both times; group 2 wrong once
+    rep = runner.rescore(get_task("mmbench"), [{"id": i.id, "prediction": p} for i, p in zip(items, preds)], items)
+    assert [r["score"] for r in rep["items"]] == [1.0, 1.0, 1.0, 0.0]
+    assert (rep["overall"], rep["categories"]) == (0.5, {"color": 1.0, "shape": 0.0})
+    assert rep["metrics"] == {"groups": 2, "vanilla_accuracy": 0.75}
+
+
+def test_pope_report():
+    items = [Item(k, [a], c) for k, (a, c) in enumerate(
+        [("yes", "random"), ("no", "random"), ("yes", "popular"), ("no", "popular")])]
+    preds = ["Yes.", "Yes", "No", "no, it is not"]
+    rep = runner.rescore(get_task("pope"), [{"id": i.id, "prediction": p} for i, p in zip(items, preds)], items)
+    assert [r["score"] for r in rep["items"]] == [1.0, 0.0, 0.0, 1.0]
+    # overall: tp 1, fp 1, fn 1 -> P = R = F1 = 0.5; random: P 1/2, R 1 -> F1 2/3; popular: no true positive -> 0
+    assert rep["overall"] == pytest.approx(0.5)
+    assert rep["categories"] == pytest.approx({"popular": 0.0, "random": 2 / 3})
+    assert rep["metrics"]["accuracy"] == 0.5 and rep["metrics"]["yes_ratio"] == 0.5
+
+
+def test_chartqa_human_augmented_report():
+    items = [Item(0, ["12"], "human"), Item(1, ["Yes"], "human"), Item(2, ["0.45"], "augmented")]
+    preds = ["12.4", "no", "45%"]
+    rep = runner.rescore(get_task("chartqa"), [{"id": i.id, "prediction": p} for i, p in zip(items, preds)], items)
+    assert (rep["overall"], rep["categories"]) == (pytest.approx(2 / 3), {"augmented": 1.0, "human": 0.5})
+
+
+def test_mmmu_fallback_stream_follows_item_order():
+    items = [Item(k, ["A"], "Art", ["x", "y", "z", "w"], question_type="multiple-choice") for k in range(3)]
+    items.append(Item(3, ["1505"], "Art", question_type="open"))
+    preds = ["hmm", "no idea", "(A)", "It was finished in 1505."]
+    task = get_task("mmmu")
+    rep = runner.rescore(task, [{"id": i.id, "prediction": p} for i, p in zip(items, preds)], items)
+    # random.Random(42) picks A then A for the two unparseable answers: both "right", as MMMU would count them
+    assert [r["score"] for r in rep["items"]] == [1.0, 1.0, 1.0, 1.0]
+    assert runner.rescore(task, rep) == rep

@@ -23,14 +23,25 @@ def conversation(task: Task, item: Item) -> list[dict]:
 
 
 def batches(task: Task, items: list[Item], batch: int, max_new_tokens: int | None) -> list[tuple[int, list[int]]]:
-    """(token budget, item positions) batches: items of the same budget together, in dataset order."""
-    by_budget: dict[int, list[int]] = {}
-    for k, item in enumerate(items):
-        by_budget.setdefault(max_new_tokens or task.budget(item), []).append(k)
-    out = []
-    for budget, ks in sorted(by_budget.items()):
-        out += [(budget, ks[i:i + batch]) for i in range(0, len(ks), batch)]
-    return out
+    """(token budget, item positions) batches: items sorted by budget (then position) fill batches in turn, each
+    allowed the largest budget among its items. Two items with the same prompt text never share a batch: the
+    engine's greedy step compares requests with ==, which fails on equal token ids with different images."""
+    budgets = [max_new_tokens or task.budget(item) for item in items]
+    open_: list[tuple[list[int], set[str]]] = []  # batches still filling: positions, prompt texts
+    done: list[list[int]] = []
+    for k in sorted(range(len(items)), key=lambda k: (budgets[k], k)):
+        text = task.render(items[k])
+        slot = next((b for b in open_ if text not in b[1]), None)
+        if slot is None:
+            slot = ([], set())
+            open_.append(slot)
+        slot[0].append(k)
+        slot[1].add(text)
+        if len(slot[0]) == batch:
+            open_.remove(slot)
+            done.append(slot[0])
+    done += [b[0] for b in open_]
+    return [(max(budgets[k] for k in ks), ks) for ks in done]
 
 
 def predict(model, task: Task, items: list[Item], batch: int = 8, max_new_tokens: int | None = None,

@@ -203,14 +203,17 @@ class POPE(Task):
 class Synth(Task):
     name, metric, split = "synth", "exact match (normalised; Markdown/JSON exact up to line-end spaces)", "test"
     prompt = "{question}"  # as the training conversations of `phi3v synth` ask it
-    max_new_tokens = 32
-    structured_tokens = 512  # a Markdown or JSON table
+    slack = 16  # tokens beyond the answer: room for spaces, a newline or a final period
+    max_new_tokens = 512
 
     def load(self, path, split=None):
         return ds.load_synth(path, split or self.split)
 
     def budget(self, item):
-        return self.structured_tokens if item.meta.get("kind") in M.STRUCTURED_KINDS else self.max_new_tokens
+        """Every token is at least one byte, so an output longer than the longest answer's UTF-8 bytes plus
+        `slack` tokens cannot match it: stopping there changes no score, and an untrained model stops early."""
+        longest = max((len(a.encode()) for a in item.answers), default=0)
+        return min(self.max_new_tokens, longest + self.slack)
 
     def score_one(self, item, prediction):
         return M.synth_correct(prediction, item.answers, item.meta.get("kind", ""))
