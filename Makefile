@@ -5,6 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= checkpoints/random-phi3.5-vision
+# `phi3v synth` draws with these Debian fonts (chromium is for the web-page test)
+FONT_PACKAGES := fonts-dejavu-core fonts-dejavu-extra fonts-liberation
+FONT_CHECK := /usr/share/fonts/truetype/dejavu/DejaVuSansCondensed.ttf
 
 .PHONY: setup run test clean
 
@@ -15,7 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[test]"
-	test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	test -x /usr/bin/chromium -a -f $(FONT_CHECK) || { apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium $(FONT_PACKAGES); }
 	touch $@
 
 run: setup

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,8 @@ PHI35_MOE = dict(
     router_aux_loss_coef=0.0, output_router_logits=False, torch_dtype="bfloat16",
 )
 MOE_MSCALE = 1.243163121016122
+# No test may reach the network: a repo id that is not in the cache must not start a download (subprocesses too).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def require_shared():

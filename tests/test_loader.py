@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,6 +158,40 @@ def test_repo_id_from_local_hf_cache(tiny_phi3, tmp_path, monkeypatch):
     assert resolve_model_dir("microsoft/Phi-3.5-mini-instruct") == snap
     with pytest.raises(CheckpointError, match="not a local folder nor in the Hugging Face cache"):
         resolve_model_dir("microsoft/Phi-3-medium-4k-instruct")
+
+
+def test_repo_id_not_in_the_cache_is_downloaded_unless_offline(tiny_phi3, tmp_path, monkeypatch):
+    """With the network allowed, a missing repo id goes to huggingface_hub's snapshot_download (into the cache, only
+    the checkpoint's files); offline (HF_HUB_OFFLINE=1) or when the download fails, the error says why."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, cache_dir, allow_patterns):  # what the hub would leave in the cache
+        calls.append((repo_id, Path(cache_dir), allow_patterns))
+        snap = Path(cache_dir) / ("models--" + repo_id.replace("/", "--")) / "snapshots" / "f00d"
+        shutil.copytree(tiny_phi3, snap)
+        return str(snap)
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE is set, so it was not downloaded"):
+        resolve_model_dir("microsoft/Phi-3.5-vision-instruct")  # the suite runs offline (conftest)
+    assert calls == []
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    got = resolve_model_dir("microsoft/Phi-3.5-vision-instruct")
+    assert got == tmp_path / "hub" / "models--microsoft--Phi-3.5-vision-instruct" / "snapshots" / "f00d"
+    assert calls == [("microsoft/Phi-3.5-vision-instruct", tmp_path / "hub",
+                      ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"])]
+    assert resolve_model_dir("microsoft/Phi-3.5-vision-instruct") == got and len(calls) == 1  # now from the cache
+
+    def no_network(*a, **kw):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    with pytest.raises(CheckpointError, match=r"downloading it failed \(OSError: Network is unreachable\)"):
+        resolve_model_dir("microsoft/Phi-3-mini-4k-instruct")
 
 
 def test_saved_files_are_standard_and_64_byte_aligned(tmp_path):

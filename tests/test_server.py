@@ -9,6 +9,7 @@ import io
 import json
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -16,6 +17,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
+import phi3v
 from conftest import FIXTURES
 from phi3v.api import load
 from phi3v.examples import example_image
@@ -84,6 +86,20 @@ def assert_healthy(url: str) -> None:
 
 
 # --------------------------------------------------------------------------- happy paths, with the openai client
+
+def test_the_readme_server_example_works_as_written(vserver, vision, capsys):
+    """The README's client snippet, run word for word against a served model (only the address differs)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Server"):]
+    code = section[section.index("```python\n") + 10:]
+    code = code[:code.index("```")]
+    assert 'base_url="http://127.0.0.1:8000/v1"' in code
+    url, _ = vserver
+    exec(compile(code.replace("http://127.0.0.1:8000", url), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    want = vision.generate("What does this chart show?", images=[phi3v.example_image()], max_new_tokens=32)
+    assert printed == want.text + "\n"
+
 
 def test_models_and_health(vserver, client):
     url, svc = vserver

@@ -71,4 +71,3 @@ def example_image(path: str | Path | None = None) -> Path:
 if __name__ == "__main__":
     EXAMPLE_CHART.parent.mkdir(exist_ok=True)
     draw_example_chart().save(EXAMPLE_CHART, optimize=True)
-    print(f"wrote {EXAMPLE_CHART}")

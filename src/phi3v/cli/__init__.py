@@ -21,6 +21,7 @@ COMMANDS = {
     "quantize": "quantize",
     "create-random": "create_random",
     "demo": "demo",
+    "synth": "synth",
 }
 
 
