@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from PIL import Image
 
 from ..errors import CheckpointError, InputError
 from ..models.clip import CROP_SIZE, PATCH_SIZE
+from ..models.config import read_json
 from ..models.phi3_v import MERGE
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation, the reference's defaults
@@ -206,18 +206,14 @@ class ImageProcessor:
             raise InputError(f"image_mean and image_std need 3 values, std nonzero: {self.image_mean}, {self.image_std}")
 
     @classmethod
-    def from_dir(cls, path: str | Path, num_crops: int | None = None) -> "ImageProcessor":
+    def from_dir(cls, path: str | Path, num_crops: int | None = None) -> ImageProcessor:
         """Read `preprocessor_config.json` of a checkpoint folder (CLIP defaults if the file is absent); an explicit
         `num_crops` overrides the file's."""
         folder = Path(path)
         if not folder.is_dir():
             raise CheckpointError(f"checkpoint folder not found: {folder}")
-        file, config = folder / PREPROCESSOR_CONFIG, {}
-        if file.is_file():
-            try:
-                config = json.loads(file.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{file} is not valid JSON ({e}); restore it from the original checkpoint") from e
+        file = folder / PREPROCESSOR_CONFIG
+        config = read_json(file, PREPROCESSOR_CONFIG) if file.is_file() else {}
         return cls(num_crops=num_crops if num_crops is not None else config.get("num_crops", DEFAULT_NUM_CROPS),
                    image_mean=tuple(config.get("image_mean", CLIP_MEAN)),
                    image_std=tuple(config.get("image_std", CLIP_STD)))
