@@ -22,6 +22,8 @@ COMMANDS = {
     "create-random": "create_random",
     "demo": "demo",
     "synth": "synth",
+    "train": "train",
+    "eval": "eval",
 }
 
 
