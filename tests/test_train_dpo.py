@@ -192,10 +192,10 @@ def test_image_prompts_encode_each_image_once(vision_dir, tmp_path):
     out = dpo_loss(DPOConfig(ref="adapters"))(model, batch)
     assert out.total.item() / 3 == pytest.approx(LN2, abs=1e-6)
     assert calls == [2, 2]  # policy pass, reference pass: each one CLIP pass over the 2 images, not one per row
-    # rows' log-probs equal the one-prompt path of the model (Phi3VForCausalLM.embed): an image chosen row, an
-    # image rejected row (whose image rows are its chosen row's) and a text-only row
+    # rows' log-probs equal the one-prompt path of the model (Phi3VForCausalLM.embed): an image chosen row and an
+    # image rejected row (whose image rows are its chosen row's); text rows: test_pair_rows_match_each_conversation_alone
     _, logps, _ = pair_logps(model, batch)
-    for row, s in ((0, pairs[0].chosen), (4, pairs[1].rejected), (5, pairs[2].rejected)):
+    for row, s in ((0, pairs[0].chosen), (4, pairs[1].rejected)):
         ids = torch.tensor([s.ids])
         kw = {}
         if s.images:
@@ -217,10 +217,38 @@ def test_dpo_training_separates_the_answers(text_pairs):
     loss_fn = dpo_loss(DPOConfig(beta=0.1, sft_weight=0.1))
     before = evaluate(model, loss_fn, [collate(held)])
     opt = make_optimizer([{"name": "lora", "params": [p for p in model.parameters() if p.requires_grad]}], lr=1e-2)
-    last = train(model, loss_fn, Loader(train_pairs, 4, collate, seed=0), opt, steps=8)
-    assert set(METRICS) <= set(last) and last["step"] == 8
+    last = train(model, loss_fn, Loader(train_pairs, 4, collate, seed=0), opt, steps=5)
+    assert set(METRICS) <= set(last) and last["step"] == 5
     trained = evaluate(model, loss_fn, [collate(train_pairs)])
     after = evaluate(model, loss_fn, [collate(held)])
     assert before["rewards/margins"] == pytest.approx(0, abs=1e-6)
     assert trained["rewards/accuracies"] > 0.9
     assert after["rewards/margins"] > before["rewards/margins"] + 0.1, (before, after)
+
+
+def test_cli_dpo_with_lora(text_dir, tmp_path):
+    """`phi3v train dpo --lora-r`: TRL-named metrics (ln 2 and zero rewards at step 1), OUT/adapter, and a merged
+    Hugging Face folder that equals the base plus that adapter."""
+    import argparse
+
+    from phi3v.cli import train as cli
+    from phi3v.train.lora import load_adapter
+
+    data = write_triples(tmp_path / "t.jsonl", TRIPLES)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    out = tmp_path / "out"
+    args = parser.parse_args(["dpo", "--model", str(text_dir), "--data", str(data), "--out", str(out), "--steps", "3",
+                              "--batch", "4", "--lr", "1e-2", "--lora-r", "4", "--lora-alpha", "8", "--beta", "0.1"])
+    assert cli.run(args) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and set(METRICS) <= set(rows[0])
+    assert rows[0]["loss"] == pytest.approx(LN2, abs=1e-6) and rows[0]["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    assert rows[-1]["rewards/margins"] > 0
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    merged = phi3v.load(out, dtype="float32").model
+    base = phi3v.load(text_dir, dtype="float32").model
+    load_adapter(base, out / "adapter")
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), base(ids), atol=1e-5, rtol=0)

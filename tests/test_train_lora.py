@@ -253,3 +253,33 @@ def test_peft_reads_our_adapter_and_we_read_peft(text_dir, tmp_path):
         mine = load(text_dir)
         load_adapter(mine, tmp_path / "theirs")
         torch.testing.assert_close(mine(ids), ref(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_qlora_recipe_quantizes_only_the_adapted_layers(fit_dir):
+    from torch import nn
+
+    from phi3v.train.config import TrainConfig
+    from phi3v.train.tuning import attach_adapters
+
+    cfg = TrainConfig(model="m", data="d", lora_r=4, lora_targets=["o_proj", "down_proj"], qlora="int4",
+                      qlora_group_size=32, seed=3)
+    model = load(fit_dir)
+    names = attach_adapters(model, cfg)
+    assert names == [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.o_proj", "mlp.down_proj")]
+    assert all(isinstance(m.base_layer, WeightOnlyInt4Linear) for m in lora_layers(model).values())
+    layer = model.model.layers[0]
+    assert type(layer.self_attn.qkv_proj) is nn.Linear and type(model.lm_head) is nn.Linear  # float, frozen
+    again = load(fit_dir)
+    attach_adapters(again, cfg)  # the seed fixes A's init
+    assert torch.equal(again.model.layers[0].mlp.down_proj.lora_A.weight, layer.mlp.down_proj.lora_A.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the int4 kernels have no backward: the adapters dequantize
+        loss = lm_loss(model, batch(2, 8))
+    loss.backward()
+    assert all(m.lora_B.weight.grad.abs().sum() > 0 for m in lora_layers(model).values())
+
+
+def test_recipe_flags_are_checked():
+    from phi3v.train.config import TrainConfig
+
+    with pytest.raises(InputError, match="--lora-r"):
+        TrainConfig(model="m", data="d", qlora="int8").check()
