@@ -28,8 +28,9 @@ def embed_batch(model, batch: Batch) -> torch.Tensor:
     return x.masked_scatter(where, rows.to(x.dtype))
 
 
-def forward(model, batch: Batch, checkpointing: bool = False, return_hidden: bool = False):
-    """Logits (B, T, V) of a right-padded batch; `checkpointing` recomputes each decoder layer in backward."""
+def hidden_states(model, batch: Batch, checkpointing: bool = False) -> torch.Tensor:
+    """Final-norm hidden states (B, T, C) of a right-padded batch; `checkpointing` recomputes each decoder layer
+    in backward. The LM head is left to the caller, which may need it at a few positions only."""
     x = embed_batch(model, batch)
     B, T, _ = x.shape
     pos = torch.arange(T, device=x.device).expand(B, T)
@@ -43,6 +44,11 @@ def forward(model, batch: Batch, checkpointing: bool = False, return_hidden: boo
             x = checkpoint(layer, x, cos, sin, mask, pos, None, i, T, use_reentrant=False)
         else:
             x = layer(x, cos, sin, mask, pos, None, i, T)
-    h = model.model.norm(x)
+    return model.model.norm(x)
+
+
+def forward(model, batch: Batch, checkpointing: bool = False, return_hidden: bool = False):
+    """Logits (B, T, V) of a right-padded batch (and the hidden states with return_hidden)."""
+    h = hidden_states(model, batch, checkpointing)
     logits = model.lm_head(h)
     return (logits, h) if return_hidden else logits

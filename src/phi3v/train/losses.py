@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from phi3v.data.collate import IGNORE, Batch
 from phi3v.models.phimoe import SparseMoE
 
-from .forward import forward
+from .forward import forward, hidden_states
 
 
 class LossOutput(NamedTuple):
@@ -66,13 +66,16 @@ def load_balancing_loss(gate_logits: list[torch.Tensor], num_experts: int, top_k
 def next_token_loss(model, batch: Batch, *, aux_coef: float = 0.0, checkpointing: bool = False) -> LossOutput:
     """Cross entropy of every labelled token (SFT: assistant tokens; pretraining: caption text); for PhiMoE plus
     aux_coef (config.json's router_aux_loss_coef) * the load-balancing loss, per token as transformers adds it
-    (mean loss = CE + coef * aux)."""
+    (mean loss = CE + coef * aux). The LM head runs only where a token is predicted: (targets, V) logits, not
+    (B, T, V)."""
     with router_logits(model) as gates:
-        logits = forward(model, batch, checkpointing)
+        h = hidden_states(model, batch, checkpointing)  # (B, T, C)
         gates = list(gates)  # recomputation in backward (checkpointing) must not add to them
-    losses = token_losses(logits, batch.labels)
-    n = batch.num_targets
-    ce = losses.sum()
+    targets = batch.labels[:, 1:]
+    where = targets != IGNORE  # (B, T-1)
+    logits = model.lm_head(h[:, :-1][where])  # (n, V)
+    ce = F.cross_entropy(logits.float(), targets[where], reduction="sum")
+    n = int(where.sum())
     metrics = {"loss": float(ce.detach())}
     total = ce
     if gates:

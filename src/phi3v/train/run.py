@@ -125,7 +125,7 @@ def stage_switch(model: torch.nn.Module, cfg: TrainConfig) -> Callable[[int], No
     """before_step for pretraining stages: freeze the parts a step's stage does not train (the last stage lasts)."""
     if not cfg.stages:
         return None
-    named = [(part_of(n), p) for n, p in model.named_parameters()]
+    named = [(part_of(n), p) for n, p in model.named_parameters() if p.requires_grad]
     bounds = np.cumsum([s.steps for s in cfg.stages])
 
     def before(step: int) -> None:
