@@ -226,24 +226,30 @@ def test_dpo_training_separates_the_answers(text_pairs):
     assert after["rewards/margins"] > before["rewards/margins"] + 0.1, (before, after)
 
 
-def test_cli_dpo_with_lora(text_dir, tmp_path):
-    """`phi3v train dpo --lora-r`: TRL-named metrics (ln 2 and zero rewards at step 1), OUT/adapter, and a merged
-    Hugging Face folder that equals the base plus that adapter."""
+def test_cli_dpo_with_lora_and_bit_identical_resume(text_dir, tmp_path):
+    """`phi3v train dpo --lora-r --ref precomputed`: TRL-named metrics (ln 2 and zero rewards at step 1), OUT/adapter,
+    a merged Hugging Face folder equal to the base plus that adapter; and a run stopped after its step-2 checkpoint
+    (adapter-only) and resumed (reference table read back) ends with the same adapter, bit for bit."""
     import argparse
 
+    from safetensors.torch import load_file
+
     from phi3v.cli import train as cli
+    from phi3v.train.config import TrainConfig
     from phi3v.train.lora import load_adapter
+    from phi3v.train.run import fit, prepare
 
     data = write_triples(tmp_path / "t.jsonl", TRIPLES)
+    flags = dict(model=str(text_dir), data=str(data), steps=4, batch=3, lr=1e-2, lora_r=4, lora_alpha=8, beta=0.1,
+                 ref="precomputed", save_every=2, seed=1)
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    out = tmp_path / "out"
-    args = parser.parse_args(["dpo", "--model", str(text_dir), "--data", str(data), "--out", str(out), "--steps", "3",
-                              "--batch", "4", "--lr", "1e-2", "--lora-r", "4", "--lora-alpha", "8", "--beta", "0.1"])
-    assert cli.run(args) == 0
+    argv = ["dpo"] + [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    assert cli.run(parser.parse_args(argv + ["--out", str(tmp_path / "a")])) == 0
+    out = tmp_path / "a"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3] and set(METRICS) <= set(rows[0])
-    assert rows[0]["loss"] == pytest.approx(LN2, abs=1e-6) and rows[0]["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and set(METRICS) <= set(rows[0])
+    assert rows[0]["loss"] == pytest.approx(LN2, abs=1e-5) and rows[0]["rewards/margins"] == pytest.approx(0, abs=1e-5)
     assert rows[-1]["rewards/margins"] > 0
     assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     merged = phi3v.load(out, dtype="float32").model
@@ -252,3 +258,15 @@ def test_cli_dpo_with_lora(text_dir, tmp_path):
     ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids), base(ids), atol=1e-5, rtol=0)
+
+    def stop(record):
+        if record["step"] == 3:
+            raise KeyboardInterrupt  # as if killed after the step-2 checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        fit(prepare(TrainConfig(task="dpo", out=str(tmp_path / "b"), **flags)), stop)
+    result = fit(prepare(TrainConfig(task="dpo", out=str(tmp_path / "b"), resume=True, **flags)))
+    assert result.resumed_from.name == "step-00000002"
+    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ckpt = load_file(tmp_path / "b" / "checkpoints" / "step-00000004" / "model.safetensors")
+    assert ckpt and all(".lora_" in k for k in ckpt)  # adapter-only checkpoints

@@ -41,12 +41,14 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T, V) logits, (B, T) labels (-100 where no loss; not shifted) -> (sum of log-probs (B,), tokens (B,)).
-    Position t's logits predict label t+1; computed in float32."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    mask = labels != IGNORE
-    idx = labels.clamp_min(0)[..., None]  # (B, T-1, 1)
-    token_logps = logits.gather(-1, idx)[..., 0] - logits.logsumexp(-1)  # (B, T-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+    Position t's logits predict label t+1; float32, and only the answer positions' rows are normalised."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE  # (B, T-1)
+    rows = logits[:, :-1][mask].float()  # (N, V): the answer tokens' predictions only
+    token_logps = rows.gather(-1, targets[mask][:, None])[:, 0] - rows.logsumexp(-1)  # (N,)
+    which = mask.nonzero()[:, 0]  # the row of each answer token
+    sums = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=labels.device).index_add(0, which, token_logps)
+    return sums, mask.sum(-1)
 
 
 def check_loss(loss_type: str, beta: float, label_smoothing: float = 0.0) -> None:
@@ -91,9 +93,10 @@ def reward_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logp
 
 
 def sft_term(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """TRL's "sft" loss: token-mean cross-entropy over the chosen answers (the rows passed)."""
-    shift, target = logits[:, :-1].float(), labels[:, 1:]
-    return F.cross_entropy(shift.flatten(0, 1), target.flatten(), ignore_index=IGNORE)
+    """TRL's "sft" loss: token-mean cross-entropy over the answers of the rows passed (the chosen ones)."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    return F.cross_entropy(logits[:, :-1][mask].float(), targets[mask])
 
 
 @dataclass
