@@ -155,3 +155,12 @@ def test_moe_router_loss_as_transformers(tiny_moe):
     with torch.no_grad():
         hf = ref(batch.input_ids, attention_mask=batch.attention_mask.long(), output_router_logits=True)
     assert aux == pytest.approx(hf.aux_loss.item(), rel=1e-5)
+
+
+def test_warmup_then_cosine_schedule():
+    from phi3v.train.loop import autocast_dtype, warmup_cosine
+
+    f = warmup_cosine(2, 10, min_ratio=0.1)
+    assert [round(f(s), 6) for s in (0, 1, 2, 6, 10, 12)] == [round(1 / 3, 6), round(2 / 3, 6), 1.0, 0.55, 0.1, 0.1]
+    assert autocast_dtype(torch.device("cpu"), "off") is None
+    assert autocast_dtype(torch.device("cpu"), "bf16") == torch.bfloat16

@@ -16,6 +16,8 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+from phi3v.errors import InputError
+
 
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size) from torch.distributed when a process group is initialised (torchrun), else (0, 1)."""
@@ -28,7 +30,7 @@ def wrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The one place where the model is wrapped for data parallelism (DDP / FSDP2 under torchrun: not yet)."""
     _, world = rank_and_world()
     if world > 1:
-        raise NotImplementedError("multi-process training (torchrun) is not supported yet: run one process")
+        raise InputError(f"training on {world} processes (torchrun) is not supported yet: run a single process")
     return model
 
 
