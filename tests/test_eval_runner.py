@@ -114,8 +114,6 @@ def test_batches_group_by_budget():
     assert [task.budget(i) for i in items] == [21, 33, 21, 18, 19]  # UTF-8 bytes of the longest answer + 16
     assert runner.batches(task, items, 2, None) == [(19, [3, 4]), (21, [0, 2]), (33, [1])]
     assert runner.batches(task, items, 8, 5) == [(5, [0, 1, 2, 3, 4])]
-    same = [ds.Item(str(k), "How many?" if k < 3 else f"Q{k}", ["3"]) for k in range(5)]
-    assert runner.batches(task, same, 2, None) == [(17, [0, 3]), (17, [1, 4]), (17, [2])]  # no repeated prompt
 
 
 def test_same_question_different_images_in_one_run(model, synth_dir):

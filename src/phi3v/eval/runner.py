@@ -23,25 +23,35 @@ def conversation(task: Task, item: Item) -> list[dict]:
 
 
 def batches(task: Task, items: list[Item], batch: int, max_new_tokens: int | None) -> list[tuple[int, list[int]]]:
-    """(token budget, item positions) batches: items sorted by budget (then position) fill batches in turn, each
-    allowed the largest budget among its items. Two items with the same prompt text never share a batch: the
-    engine's greedy step compares requests with ==, which fails on equal token ids with different images."""
+    """(token budget, item positions) batches: items sorted by budget (then position) and cut into full
+    batches, each allowed the largest budget among its items."""
     budgets = [max_new_tokens or task.budget(item) for item in items]
-    open_: list[tuple[list[int], set[str]]] = []  # batches still filling: positions, prompt texts
-    done: list[list[int]] = []
-    for k in sorted(range(len(items)), key=lambda k: (budgets[k], k)):
-        text = task.render(items[k])
-        slot = next((b for b in open_ if text not in b[1]), None)
-        if slot is None:
-            slot = ([], set())
-            open_.append(slot)
-        slot[0].append(k)
-        slot[1].add(text)
-        if len(slot[0]) == batch:
-            open_.remove(slot)
-            done.append(slot[0])
-    done += [b[0] for b in open_]
-    return [(max(budgets[k] for k in ks), ks) for ks in done]
+    order = sorted(range(len(items)), key=lambda k: (budgets[k], k))
+    return [(max(budgets[k] for k in order[i:i + batch]), order[i:i + batch]) for i in range(0, len(order), batch)]
+
+
+def _generate(model, convs: list[list[dict]], budget: int) -> list[str]:
+    try:
+        return [c.text for c in model.generate_batch(convs, max_new_tokens=budget, temperature=0)]
+    except RuntimeError:
+        # Engine._decode tells requests apart with ==, which raises on two rows with equal token ids (same text,
+        # same image token count) but different image embeddings: run such rows in separate batches
+        groups: list[tuple[list[int], set]] = []
+        for k, conv in enumerate(convs):
+            ids = tuple(model.render(conv))
+            g = next((g for g in groups if ids not in g[1]), None)
+            if g is None:
+                g = ([], set())
+                groups.append(g)
+            g[0].append(k)
+            g[1].add(ids)
+        if len(groups) == 1:
+            raise  # not that failure
+        out = [""] * len(convs)
+        for ks, _ in groups:
+            for k, text in zip(ks, _generate(model, [convs[k] for k in ks], budget)):
+                out[k] = text
+        return out
 
 
 def predict(model, task: Task, items: list[Item], batch: int = 8, max_new_tokens: int | None = None,
@@ -52,10 +62,8 @@ def predict(model, task: Task, items: list[Item], batch: int = 8, max_new_tokens
     preds, errors, done = [""] * len(items), {}, 0
     for budget, ks in batches(task, items, batch, max_new_tokens):
         try:
-            outs = model.generate_batch([conversation(task, items[k]) for k in ks], max_new_tokens=budget,
-                                        temperature=0)
-            for k, out in zip(ks, outs):
-                preds[k] = out.text
+            for k, text in zip(ks, _generate(model, [conversation(task, items[k]) for k in ks], budget)):
+                preds[k] = text
         except Phi3VError:  # one bad item (unreadable image, too long) must not sink its batch: one at a time
             for k in ks:
                 try:
