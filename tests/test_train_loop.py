@@ -135,6 +135,8 @@ def test_pretrain_stages_train_only_their_parts(tmp_path):
     assert changed(seen[2], start) == {"projector"}
     assert changed(seen[3], seen[2]) == {"tower", "decoder"}
     assert json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())["num_crops"] == 1
+    exported = phi3v.load(tmp_path / "out", dtype="float32")  # the vision export loads, cutting images as trained
+    assert exported.is_vision and exported.processor.num_crops == 1
 
 
 def test_moe_router_loss_as_transformers(tiny_moe):
