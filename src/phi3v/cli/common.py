@@ -19,6 +19,8 @@ def add_model_args(p: argparse.ArgumentParser, quantize: bool = True, dtype: str
     p.add_argument("--device", default="cpu")
     if quantize:
         p.add_argument("--quantize", choices=SCHEMES, default=None, help="weight-only quantization at load time")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="LoRA adapter folder (adapter_config.json + adapter_model.safetensors, from phi3v train)")
 
 
 def add_prompt_args(p: argparse.ArgumentParser) -> None:
@@ -47,9 +49,18 @@ def load_model(args):
     """phi3v.load with the model arguments; says so on stderr when the weights are random."""
     from ..api import load
 
+    if getattr(args, "adapter", None):
+        from ..train.lora import read_adapter
+
+        read_adapter(args.adapter)  # a bad adapter folder is refused before the model is loaded
     model = load(args.model, dtype=args.dtype, device=args.device, quantize=getattr(args, "quantize", None))
     if model.is_random:
         sys.stderr.write(RANDOM_NOTE.format(path=model.path))
+    if getattr(args, "adapter", None):
+        from ..train.lora import load_adapter
+
+        # merged into the float weights (no adapter matmuls at inference); quantized layers keep theirs unmerged
+        load_adapter(model.model, args.adapter, merge=True)
     return model
 
 
