@@ -283,3 +283,5 @@ def test_recipe_flags_are_checked():
 
     with pytest.raises(InputError, match="--lora-r"):
         TrainConfig(model="m", data="d", qlora="int8").check()
+    with pytest.raises(InputError, match="only the adapters train"):
+        TrainConfig(task="pretrain", model="m", data="d", lora_r=4, stages="projector:2").check()

@@ -131,6 +131,8 @@ class TrainConfig:
         if self.lora_r < 0 or (self.qlora and not self.lora_r):
             raise InputError("--qlora trains adapters: give a positive --lora-r too" if self.qlora
                              else f"--lora-r must be positive (or 0 for full fine-tuning), got {self.lora_r}")
+        if self.lora_r and self.stages:
+            raise InputError("--stages pick which parts train; with --lora-r only the adapters train: use one of them")
         if self.lora_r and not self.lora_targets:
             raise InputError("--lora-targets needs at least one module name, e.g. qkv_proj o_proj")
         return self

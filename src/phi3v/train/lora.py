@@ -326,16 +326,3 @@ def load_adapter(model: nn.Module, adapter_dir, merge: bool = False) -> list[str
     if merge:
         merge_lora(model)
     return names
-
-
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; quantized weights count once each."""
-    total = sum(p.numel() for p in model.parameters()) + sum(
-        b.numel() * (2 if b.dtype == torch.uint8 else 1) for n, b in model.named_buffers()
-        if not b.is_floating_point() and n.endswith(".weight"))
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
-
