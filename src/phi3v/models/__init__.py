@@ -8,6 +8,8 @@ from typing import Any
 from ..errors import CheckpointError
 from .config import Phi3Config, PhiMoEConfig, read_json
 from .layers import CausalLM
+from .mixtral import MixtralConfig, MixtralForCausalLM
+from .phi2 import Phi2Config, PhiForCausalLM
 from .phi3 import Phi3ForCausalLM
 from .phi3_v import Phi3VForCausalLM, is_vision_config
 from .phimoe import PhiMoEForCausalLM
@@ -19,6 +21,8 @@ ARCHITECTURES: dict[str, tuple[type[Phi3Config], type[CausalLM]]] = {
     "PhiMoEForCausalLM": (PhiMoEConfig, PhiMoEForCausalLM),
     "PhimoeForCausalLM": (PhiMoEConfig, PhiMoEForCausalLM),
     "Phi3VForCausalLM": (Phi3Config, Phi3VForCausalLM),
+    "PhiForCausalLM": (Phi2Config, PhiForCausalLM),
+    "MixtralForCausalLM": (MixtralConfig, MixtralForCausalLM),
 }
 
 __all__ = ["ARCHITECTURES", "CausalLM", "architecture", "build_model", "config_from_dict", "is_vision_config",
