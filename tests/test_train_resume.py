@@ -102,3 +102,15 @@ def test_checkpoint_round_trip_and_pruning(setup, tmp_path):
     moments = [o.state[o.param_groups[0]["params"][-1]]["exp_avg"] for o in (opt, other_opt)]
     assert moments[0].abs().sum() > 0 and torch.equal(*moments)
     assert torch.equal(torch.rand(3), next_draw)  # the RNG continues where the checkpoint left it
+
+
+def test_a_fresh_run_refuses_an_out_folder_with_checkpoints(setup, tmp_path):
+    from phi3v.errors import InputError
+    from phi3v.train.config import TrainConfig
+    from phi3v.train.run import fit, prepare
+
+    _, model_dir, data = setup
+    cfg = TrainConfig(model=str(model_dir), data=str(data), out=str(tmp_path), steps=1, batch=2, save_every=1)
+    fit(prepare(cfg))
+    with pytest.raises(InputError, match="pass --resume"):
+        fit(prepare(cfg))

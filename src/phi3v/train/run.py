@@ -19,6 +19,7 @@ from phi3v.checkpoint.load import load_causal_lm, parse_dtype
 from phi3v.data.collate import Encoder, collate
 from phi3v.data.loader import Loader
 from phi3v.data.records import BadRecords, read_records
+from phi3v.errors import InputError
 from phi3v.models import config_from_dict, is_vision_config
 from phi3v.models.config import read_json
 from phi3v.processing.image import ImageProcessor
@@ -180,6 +181,8 @@ def fit(setup: Setup, progress: Callable[[dict], None] | None = None) -> RunResu
         loader.load_state_dict(state["loader"])
         start = state["step"]
         _keep_until(metrics, start)
+    elif latest_checkpoint(out) is not None:  # a fresh run would mix its checkpoints with another run's
+        raise InputError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or another --out")
     else:
         metrics.write_text("")
     (out / "train_config.json").write_text(json.dumps(setup.cfg.to_dict(), indent=2))
