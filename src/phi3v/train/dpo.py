@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phi3v.checkpoint.safetensors import SafetensorsFile, save_file
-from phi3v.data.collate import Batch, Encoder, Sample, collate
+from phi3v.data.collate import IGNORE, Batch, Encoder, Sample, collate
 from phi3v.data.records import BadRecords, Conversation, Preference
 from phi3v.errors import CheckpointError, InputError
 from phi3v.processing.image import ImageProcessor
@@ -34,7 +34,6 @@ from .losses import LossOutput
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 REFERENCES = ("adapters", "copy", "precomputed")
-IGNORE = -100
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
 
