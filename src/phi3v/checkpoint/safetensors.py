@@ -4,6 +4,7 @@ written 64-byte aligned; the weight files of a checkpoint folder, sharded or not
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 from pathlib import Path
@@ -35,16 +36,15 @@ class SafetensorsFile:
                     raise CheckpointError(f"{path} is truncated or not a safetensors file (header of {n} bytes)")
                 header = json.loads(f.read(n))
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else b""
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path} is not a safetensors file (bad header: {e})") from e
-        self.meta = header.pop("__metadata__", None) or {}
+        except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd numbers or nesting
+            raise CheckpointError(f"{path} is not a safetensors file (bad header: {type(e).__name__})") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path} is not a safetensors file (its header is not a JSON object)")
+        meta = header.pop("__metadata__", None)
+        self.meta = meta if isinstance(meta, dict) else {}
         self.header, self.offset = header, 8 + n
-        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-        if self.offset + end > size:
-            raise CheckpointError(
-                f"{path} is truncated: it has {size} bytes but its header describes {self.offset + end}; "
-                "re-download or re-create it"
-            )
+        for name, info in header.items():
+            _check_entry(path, name, info, size - self.offset)
 
     def keys(self):
         return self.header.keys()
@@ -60,6 +60,29 @@ class SafetensorsFile:
             return torch.empty(shape, dtype=dtype)
         t = torch.frombuffer(self._map, dtype=dtype, count=(end - start) // dtype.itemsize, offset=self.offset + start)
         return t.view(shape)
+
+
+def _check_entry(path: Path, name: str, info, data_size: int) -> None:
+    """A header entry as the format defines it: dtype, shape, and [start, end) inside the data, of the shape's size."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: tensor {name[:100]!r} {why}: the file is corrupt; re-download or re-create it")
+
+    if not isinstance(info, dict):
+        raise bad("has no dtype/shape/data_offsets entry")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"has a bad shape {str(shape)[:40]}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"has bad data_offsets {str(offsets)[:40]}")
+    if offsets[1] > data_size:
+        raise CheckpointError(f"{path} is truncated: tensor {name[:100]!r} ends at byte {offsets[1]} of its data, "
+                              f"which has {data_size}; re-download or re-create it")
+    if not isinstance(dtype, str):
+        raise bad("has no dtype")
+    torch_dtype = SAFETENSORS_DTYPES.get(dtype)
+    if torch_dtype is not None and math.prod(shape) * torch_dtype.itemsize != offsets[1] - offsets[0]:
+        raise bad(f"of shape {shape} and dtype {dtype} does not span its {offsets[1] - offsets[0]} bytes")
 
 
 def weight_files(model_dir: Path) -> list[Path]:

@@ -4,6 +4,9 @@ Each engine step runs one batched prefill chunk of the requests still prefilling
 stalls the running decodes) and one batched decode step for every decoding request. The cache has `max_batch` slots of `max_context` tokens,
 allocated once; a slot keeps its tokens after its request ends, so a later request that starts with the same
 tokens (the next turn of a chat) only computes what is new.
+
+With `isolate_failures`, an error while sampling one request (NaN logits, a logits processor or sampler that raises)
+ends that request alone with finish_reason "error" (the exception is kept in `failures`); the batch goes on.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import torch
 from ..models.cache import KVCache
 from ..errors import ContextLengthError, InputError
 from .requests import Prompt, Step, check_prompt_fits, embed_ids
-from .sampling import SamplingParams, apply_repetition_penalty, make_sampler
+from .sampling import SamplingError, SamplingParams, apply_repetition_penalty, make_sampler
 
 PREFILL, DECODE, FINISHED = "prefill", "decode", "finished"
+ERROR = "error"  # the finish_reason of a request that failed alone (see Engine.failures)
 
 
 @dataclass
@@ -65,7 +69,8 @@ class Engine:
     """Schedules requests onto `max_batch` cache slots of `max_context` tokens each."""
 
     def __init__(self, model, max_batch: int = 8, max_context: int = 4096, prefill_chunk: int = 512,
-                 recompute_on_long_switch: bool = True, kv_budget: int | None = None, compile: bool = False):
+                 recompute_on_long_switch: bool = True, kv_budget: int | None = None, compile: bool = False,
+                 isolate_failures: bool = False):
         cfg = model.config
         self.model, self.cfg = model, cfg
         p = next(model.parameters())
@@ -92,6 +97,8 @@ class Engine:
         self.running: dict[int, Request] = {}
         self._ids = itertools.count()
         self.reused_tokens = 0  # prompt tokens whose keys/values came from a previous request
+        self.isolate_failures = isolate_failures
+        self.failures: dict[int, Exception] = {}  # request id -> why it ended with finish_reason "error"
         self.stats = Stats()
 
     # ---- requests ----
@@ -113,6 +120,7 @@ class Engine:
     def cancel(self, request_id: int) -> None:
         """Drop a request (waiting or running); its slot is free for the next one."""
         self.waiting = [r for r in self.waiting if r.id != request_id]
+        self.failures.pop(request_id, None)
         req = self.running.pop(request_id, None)
         if req is not None:
             self._release(req)
@@ -210,7 +218,7 @@ class Engine:
             r.done = spans[r.slot][1]
             if r.done == len(r.seq):
                 r.state = DECODE
-                out.append(self._sample(r, logits[r.slot - lo]))
+                out.append(self._sample_one(r, logits[r.slot - lo]))
         return out
 
     def _decode(self) -> list[Step]:
@@ -234,15 +242,32 @@ class Engine:
         logits = self.decode_forward(tokens.to(self.device), pos=pos.to(self.device), cache=self.cache.rows(0, hi),
                             kv_len=kv_len, long_rope=long.to(self.device))[:, -1]
         out = []
-        greedy = [r for r in rows if r.params.temperature == 0 and r.params.repetition_penalty == 1.0
+        greedy = [r for r in rows if r.params.greedy and r.params.repetition_penalty == 1.0
                   and not r.processors and r.logprobs is None]
-        if greedy:
-            best = logits.argmax(dim=-1).tolist()  # one host sync for all greedy rows
-            out += [self._finish(r, best[r.slot]) for r in greedy]
-        out += [self._sample(r, logits[r.slot]) for r in rows if r not in greedy]
+        if greedy:  # one host sync for all greedy rows: their tokens and whether their logits hold a NaN
+            best, nan = torch.stack([logits.argmax(dim=-1), logits.isnan().any(dim=-1)]).tolist()
+            out += [self._fail(r, SamplingError("the model produced NaN logits for this request")) if nan[r.slot]
+                    else self._finish(r, best[r.slot]) for r in greedy]
+        out += [self._sample_one(r, logits[r.slot]) for r in rows if r not in greedy]
         for r in rows:
             r.done = len(r.seq) - 1  # the token fed this step is now in the cache
         return out
+
+    def _sample_one(self, req: Request, logits: torch.Tensor) -> Step:
+        """_sample, or with isolate_failures, the request's end with finish_reason "error" if sampling it fails."""
+        if not self.isolate_failures:
+            return self._sample(req, logits)
+        try:
+            return self._sample(req, logits)
+        except Exception as e:  # this request's processor, sampler or logits: the others go on
+            return self._fail(req, e)
+
+    def _fail(self, req: Request, error: Exception) -> Step:
+        if not self.isolate_failures:
+            raise error
+        self.failures[req.id] = error
+        req.state = FINISHED
+        return Step(req.id, -1, ERROR)
 
     def _sample(self, req: Request, logits: torch.Tensor) -> Step:
         logits = logits.float()[None]

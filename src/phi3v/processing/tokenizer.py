@@ -32,6 +32,34 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"  # written by transformers >= 4.50; i
 END_OF_TURN = "<|end|>"  # Phi-3 chat models end every turn with it
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")  # what templates see as variables
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # sentencepiece byte fallback: one token per UTF-8 byte
+# Private-use code points that mark text to keep as text (see `literal`); `_LITERAL_BREAK` follows every '<' inside,
+# so that neither a special token nor an <|image_N|> tag can match there before encode() sees the marks.
+LITERAL_OPEN, LITERAL_CLOSE, _LITERAL_BREAK = "\ue000", "\ue001", "\ue002"
+_LITERAL_MARKS = re.compile("[\ue000-\ue002]")
+
+
+def literal(text: str) -> str:
+    """`text` marked so that `Tokenizer.encode` keeps it text: special-token strings (`<|end|>`, `<|assistant|>`)
+    and `<|image_N|>` tags in it become ordinary tokens, e.g. for untrusted chat messages."""
+    return LITERAL_OPEN + _LITERAL_MARKS.sub("", text).replace("<", "<" + _LITERAL_BREAK) + LITERAL_CLOSE
+
+
+def _unmark(text: str) -> tuple[str, list[tuple[int, int]]]:
+    """Text without the literal marks, and the [start, end) spans of it that were marked literal."""
+    plain, spans, start = [], [], None
+    n = 0
+    for part in re.split("([\ue000-\ue002])", text):
+        if part == LITERAL_OPEN and start is None:
+            start = n
+        elif part == LITERAL_CLOSE and start is not None:
+            spans.append((start, n))
+            start = None
+        elif part and part not in (LITERAL_OPEN, LITERAL_CLOSE, _LITERAL_BREAK):
+            plain.append(part)
+            n += len(part)
+    if start is not None:
+        spans.append((start, n))
+    return "".join(plain), spans
 
 
 def _missing(path: Path) -> CheckpointError:
@@ -160,6 +188,7 @@ class Tokenizer:
         stops = {*generation_eos, self.eos_token_id, end}
         self._stop_token_ids = frozenset(i for i in stops if i is not None)
         self._pieces: list[tuple[str | None, bytes]] | None = None
+        self._plain_backend: Backend | None = None  # the same tokenizer without added tokens (for literal text)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -248,10 +277,46 @@ class Tokenizer:
         return frozenset(self._backend.get_added_tokens_decoder())
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`; special tokens written in it become their ids. `add_special_tokens` prepends BOS."""
+        """Token ids of `text`; special tokens written in it become their ids, except inside `literal(...)` spans.
+        `add_special_tokens` prepends BOS."""
         if not isinstance(text, str):
             raise InputError(f"can only encode a string, got {type(text).__name__}")
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            if _LITERAL_MARKS.search(text):
+                return self._encode_with_literals(text, add_special_tokens)
+            return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except (TypeError, UnicodeError) as e:  # e.g. a lone surrogate, which Rust strings cannot hold
+            raise InputError(f"this text cannot be tokenized ({type(e).__name__}): send valid UTF-8 text") from e
+
+    def _encode_with_literals(self, text: str, add_special_tokens: bool) -> list[int]:
+        """As encode, but added tokens that overlap a literal span stay text. The text between the other added tokens
+        is encoded alone by the tokenizer without added tokens, as the backend itself encodes each such segment."""
+        plain, spans = _unmark(text)
+        enc = self._backend.encode(plain, add_special_tokens=False)
+        added = self.added_token_ids
+        if self._plain_backend is None:
+            raw = json.loads(self._backend.to_str())
+            raw["added_tokens"] = []
+            self._plain_backend = Backend.from_str(json.dumps(raw))
+        ids, pos = [], 0
+        for i, (s, e) in zip(enc.ids, enc.offsets):
+            if i not in added:
+                continue
+            at = plain.find(self._backend.id_to_token(i), s, e)  # the token itself, without what lstrip/rstrip ate
+            if any(at < b and a < at + len(self._backend.id_to_token(i)) for a, b in spans):
+                continue
+            if s > pos:
+                ids += self._plain_backend.encode(plain[pos:s], add_special_tokens=False).ids
+            ids.append(i)
+            pos = e
+        if pos < len(plain):
+            ids += self._plain_backend.encode(plain[pos:], add_special_tokens=False).ids
+        if add_special_tokens:  # the post-processor's prefix and suffix, as they wrap one token
+            a = self._backend.encode("a", add_special_tokens=False).ids
+            full = self._backend.encode("a", add_special_tokens=True).ids
+            start = next(k for k in range(len(full)) if full[k:k + len(a)] == a)
+            ids = full[:start] + ids + full[start + len(a):]
+        return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; skipping drops every added token marked special (`<|end|>`, `<|assistant|>`, not `</s>`)."""
@@ -270,6 +335,8 @@ class Tokenizer:
             )
         except jinja2.TemplateError as e:  # raise_exception(...) or a message the template cannot handle
             raise InputError(f"the chat template rejected these messages: {e}") from e
+        except UnicodeError as e:  # a lone surrogate in a message
+            raise InputError(f"a message is not valid text ({type(e).__name__}): send valid UTF-8 text") from e
         return self.encode(text) if tokenize else text
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:

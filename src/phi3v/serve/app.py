@@ -1,13 +1,14 @@
 """An OpenAI-compatible HTTP server (and a web chat page) on the continuous-batching Engine.
 
 The engine runs on its own thread (worker.py); tokens come back to the asyncio side with
-`loop.call_soon_threadsafe` into per-request asyncio queues. Prompts (and images, through the vision tower) are
-prepared on one more thread, so decoding never waits for them.
+`loop.call_soon_threadsafe` into per-request asyncio queues. Text prompts are prepared on one more thread, and
+requests with images on another (decoding, the vision tower), so decoding never waits for them and a text request
+never waits behind images. An image's token cost is read from its header, so a request over the context is refused
+before any pixel is decoded. One request's failure while generating ends that request only.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the route handlers' annotations (Request) at run time
 import asyncio
-import hmac
 import json
 import threading
 import time
@@ -20,8 +21,11 @@ from pathlib import Path
 from ..errors import InputError
 from ..inference.engine import Engine
 from ..inference.requests import Prompt
-from ..processing.image import DEFAULT_MAX_PIXELS
-from .protocol import APIError, ChatRequest, CompletionRequest, Reply, chat_messages, load_request_image, token_labels
+from ..processing.image import DEFAULT_MAX_PIXELS, load_image
+from .checks import check_image_cost, loads
+from .limits import Guard, header_timeout_protocol
+from .protocol import APIError, ChatRequest, CompletionRequest, Reply, chat_messages, quote, token_labels
+from .schema import ERROR_RESPONSES, openapi_schema
 from .worker import Job, QueueFull, Worker
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -38,12 +42,16 @@ class Settings:
     api_key: str | None = None
     allow_dirs: tuple[Path, ...] = ()  # file:// image URLs are served from these folders only
     max_queue: int = 64  # engine requests waiting for a slot; more answer 429
-    max_images: int = 8
+    max_images: int | None = None  # per request; None: as many of the cheapest images as fit max_context
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     max_tokens_limit: int = 4096
     model_name: str | None = None  # default: the checkpoint folder's name
     shutdown_grace_s: float = 5.0  # in-flight requests get this long to finish at shutdown
-    max_body_bytes: int = 64 << 20  # larger request bodies (base64 images included) answer 413
+    max_body_bytes: int = 64 << 20  # larger request bodies (base64 images included) answer 413, chunked or not
+    allow_control_tokens: bool = False  # message text may write control tokens (<|end|>) and <|image_N|> tags
+    body_timeout_s: float = 30.0  # a request body that sends nothing for this long answers 408
+    header_timeout_s: float = 10.0  # a connection that has not sent a whole request head by then is closed
+    keep_alive_s: float = 5.0  # idle keep-alive connections are closed after this long
 
 
 # --------------------------------------------------------------------------- the app
@@ -55,9 +63,11 @@ class Service:
         self.model, self.settings = model, settings
         self.name = settings.model_name or Path(model.path).name
         self.engine = Engine(model.model, settings.max_batch, settings.max_context,
-                             recompute_on_long_switch=model.recompute_on_long_switch)
+                             recompute_on_long_switch=model.recompute_on_long_switch, isolate_failures=True)
         self.worker = Worker(model, self.engine, settings.max_queue)
-        self.prep = ThreadPoolExecutor(1, thread_name_prefix="phi3v-prepare")  # images, CLIP, tokenizing
+        self.prep = ThreadPoolExecutor(1, thread_name_prefix="phi3v-prepare")  # text: tokenizing, image headers
+        self.vision = ThreadPoolExecutor(1, thread_name_prefix="phi3v-vision")  # image decoding, CLIP: one at a time
+        self.max_images = settings.max_images if settings.max_images is not None else self._images_that_fit()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.counts: Counter = Counter()  # (route, status) -> responses
         self.prompt_tokens = 0
@@ -72,17 +82,26 @@ class Service:
             self._json_vocab = JsonVocab(self.model.tokenizer, self.model.config.vocab_size)
         return self._json_vocab
 
-    async def run(self, fn, *args):
-        """fn(*args) on the prepare thread; phi3v input errors become 400s."""
+    def _images_that_fit(self) -> int:
+        """How many of the cheapest images (by token count) fit the context with a token to spare; 0: text model."""
+        p = self.model.processor
+        if p is None:
+            return 0
+        side = p.crop_size
+        cheapest = min(p.num_tokens_for_size(side * r, side) for r in range(1, p.num_crops + 1))
+        return max(1, (self.engine.max_context - 1) // cheapest)
+
+    async def run(self, fn, *args, pool=None):
+        """fn(*args) on the prepare thread (or `pool`); phi3v input errors become 400s."""
         try:
-            return await self.loop.run_in_executor(self.prep, fn, *args)
+            return await self.loop.run_in_executor(pool or self.prep, fn, *args)
         except InputError as e:
             raise APIError(400, str(e), "messages" if "image" in str(e) else None) from e
 
     def check(self, body) -> None:
         """What can be refused before any work: an unknown model, too many tokens asked for."""
         if body.model not in (self.name, str(self.model.path)):
-            raise APIError(404, f"model {body.model!r} is not served here; this server serves {self.name!r} "
+            raise APIError(404, f"model {quote(body.model)} is not served here; this server serves {self.name!r} "
                                 "(see GET /v1/models)", "model", "model_not_found")
         asked, limit = body.requested_tokens(), self.settings.max_tokens_limit
         if asked is not None and asked > limit:
@@ -128,8 +147,9 @@ class Service:
                     get.cancel()
                     return
                 item = get.result()
-                if isinstance(item, Exception):
-                    raise APIError(500, f"generation failed: {item!r}") from item
+                if isinstance(item, Exception):  # this request alone failed (see Engine.failures)
+                    raise APIError(500, f"generating this request failed ({type(item).__name__}: {item}); other "
+                                        "requests are not affected", code="generation_failed") from item
                 left -= sum(o.finish_reason is not None for o in item)
                 yield item
         finally:
@@ -175,6 +195,7 @@ def create_app(model, settings: Settings | None = None):
         # uvicorn has stopped accepting and given open requests shutdown_grace_s to finish: cancel what is left
         svc.worker.stop()
         svc.prep.shutdown(wait=False)
+        svc.vision.shutdown(wait=False)
 
     app = FastAPI(title="phi3v", lifespan=lifespan)
     app.state.service = svc
@@ -184,32 +205,18 @@ def create_app(model, settings: Settings | None = None):
 
     app.add_exception_handler(APIError, lambda req, e: error(e))
     app.add_exception_handler(HTTPException, lambda req, e: error(APIError(
-        e.status_code, f"no route {req.method} {req.url.path}" if e.status_code in (404, 405) else str(e.detail),
-        code="not_found" if e.status_code == 404 else None)))
-    app.add_exception_handler(RequestValidationError, lambda req, e: error(APIError(400, str(e))))
-    app.add_exception_handler(Exception, lambda req, e: error(APIError(500, f"internal error: {e!r}")))
-
-    def authorize(request: Request) -> None:
-        if not settings.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        if not header.lower().startswith("bearer "):
-            raise APIError(401, "missing API key: send the header 'Authorization: Bearer KEY'", code="invalid_api_key")
-        if not hmac.compare_digest(header[7:].strip().encode(), settings.api_key.encode()):
-            raise APIError(401, "invalid API key", code="invalid_api_key")
+        e.status_code, f"no route {req.method} {quote(req.url.path)}" if e.status_code in (404, 405)
+        else str(e.detail), code="not_found" if e.status_code == 404 else None)))
+    app.add_exception_handler(RequestValidationError, lambda req, e: error(APIError(400, "invalid request")))
+    app.add_exception_handler(Exception, lambda req, e: error(APIError(500, f"internal error: {type(e).__name__}")))
 
     async def parse(request: Request, schema):
-        authorize(request)
-        raw = await request.body()
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON ({e})") from e
+        data = loads(await request.body())
         try:
             body = schema.model_validate(data)
         except ValidationError as e:
-            first = e.errors()[0]
-            param = ".".join(str(x) for x in first["loc"])
+            first = e.errors(include_input=False, include_url=False)[0]
+            param = ".".join(str(x) for x in first["loc"])[:200]
             raise APIError(400, f"invalid request: {param}: {first['msg']} ({e.error_count()} error(s))", param) \
                 from e
         svc.check(body)
@@ -220,8 +227,7 @@ def create_app(model, settings: Settings | None = None):
         return {"status": "ok", "model": svc.name}
 
     @app.get("/v1/models")
-    async def models(request: Request):
-        authorize(request)
+    async def models():
         return {"object": "list", "data": [{"id": svc.name, "object": "model", "created": 0, "owned_by": "phi3v",
                                             "max_model_len": svc.engine.max_context}]}
 
@@ -248,31 +254,34 @@ def create_app(model, settings: Settings | None = None):
     async def index():
         return FileResponse(STATIC / "index.html")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat(request: Request):
         body = await parse(request, ChatRequest)
-        messages, n_images = chat_messages(body.messages)
-        if n_images > settings.max_images:
-            raise APIError(400, f"{n_images} images in one request, over this server's limit of "
-                                f"{settings.max_images}", "messages", "too_many_images")
+        body.check_unsupported()
+        messages, n_images = chat_messages(body.messages, settings.allow_control_tokens)
         if n_images and not model.is_vision:
             raise APIError(400, f"{svc.name} is a text model: it cannot take images", "messages")
+        if n_images > svc.max_images:
+            raise APIError(400, f"{n_images} images in one request, over this server's limit of "
+                                f"{svc.max_images}", "messages", "too_many_images")
         json_mode = body.response_format is not None and body.response_format.type == "json_object"
         if json_mode:
             await svc.run(svc.json_vocab)  # built once, off the event loop
+        if n_images:  # sizes from the headers: a request over the context is refused before any pixel is decoded
+            await svc.run(check_image_cost, model, messages, settings.allow_dirs, settings.max_image_pixels,
+                          svc.engine.max_context)
 
         def prepare():
             for m in messages:
                 if "images" in m:
-                    m["images"] = [load_request_image(u, settings.allow_dirs, settings.max_image_pixels)
-                                   for u in m["images"]]
+                    m["images"] = [load_image(im.data, settings.max_image_pixels) for im in m["images"]]
             return model.prepare(messages, max_context=svc.engine.max_context)
 
-        prompt = await svc.run(prepare)
+        prompt = await svc.run(prepare, pool=svc.vision if n_images else svc.prep)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         return await svc.respond(request, body, prompt, "chat", logprobs, json_mode)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(request: Request):
         body = await parse(request, CompletionRequest)
         text = body.prompt
@@ -285,37 +294,9 @@ def create_app(model, settings: Settings | None = None):
         prompt = await svc.run(lambda: model.prepare(text, raw=True, max_context=svc.engine.max_context))
         return await svc.respond(request, body, prompt, "completion", body.logprobs)
 
-    app.add_middleware(_Guard, service=svc)
+    app.openapi = lambda: openapi_schema(app, svc.name)
+    app.add_middleware(Guard, service=svc, routes=ROUTES)
     return app
-
-
-class _Guard:
-    """ASGI middleware: refuses bodies over max_body_bytes with 413, counts responses by route and status."""
-
-    def __init__(self, app, service: Service):
-        self.app, self.svc = app, service
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in ROUTES else "other"
-        size = dict(scope["headers"]).get(b"content-length")
-        limit = self.svc.settings.max_body_bytes
-        if size is not None and size.isdigit() and int(size) > limit:
-            body = APIError(413, f"request body of {int(size)} bytes is over this server's limit of {limit}",
-                            code="request_too_large").body()
-            self.svc.counts[(route, 413)] += 1
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json")]})
-            await send({"type": "http.response.body", "body": json.dumps(body).encode()})
-            return
-
-        async def counted(message):
-            if message["type"] == "http.response.start":
-                self.svc.counts[(route, message["status"])] += 1
-            await send(message)
-
-        await self.app(scope, receive, counted)
 
 
 # --------------------------------------------------------------------------- running it
@@ -331,8 +312,7 @@ def running(app, host: str = "127.0.0.1", port: int = 0):
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    grace_s = app.state.service.settings.shutdown_grace_s
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=grace_s))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **uvicorn_options(app.state.service.settings)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -345,3 +325,9 @@ def running(app, host: str = "127.0.0.1", port: int = 0):
         server.should_exit = True
         thread.join()
         sock.close()
+
+
+def uvicorn_options(settings: Settings) -> dict:
+    """uvicorn's settings for this server: shutdown grace, keep-alive and request-head timeouts."""
+    return dict(timeout_graceful_shutdown=settings.shutdown_grace_s, timeout_keep_alive=settings.keep_alive_s,
+                http=header_timeout_protocol(settings.header_timeout_s))

@@ -15,16 +15,26 @@ from urllib.parse import unquote, urlparse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InputError
-from ..inference.sampling import SamplingParams
-from ..processing.image import decode_data_url, load_image
+from ..inference.sampling import SEED_RANGE, SamplingParams
+from ..processing.image import decode_data_url
+from ..processing.tokenizer import literal
 
 MAX_N = 16  # choices per request
 MAX_TOP_LOGPROBS = 20  # as OpenAI (chat); completions allow 5
 MAX_STOP = 4  # stop strings per request, as OpenAI
+MAX_STOP_CHARS = 256  # each stop string is searched for after every token
+PENALTY_RANGE = (0.01, 100.0)  # repetition_penalty: beyond these, logits overflow or vanish
+MIN_LOGPROB = -9999.0  # what OpenAI reports for tokens that cannot be drawn; JSON has no -Infinity
+MAX_ECHO = 64  # characters of a client's value that an error message may quote
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-               503: "server_error"}
+               405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 503: "server_error"}
+
+
+def quote(value: str) -> str:
+    """A client's string as an error message may show it: repr, cut to MAX_ECHO characters."""
+    return repr(value) if len(value) <= MAX_ECHO else repr(value[:MAX_ECHO]) + f"... ({len(value)} characters)"
 
 
 class APIError(Exception):
@@ -81,16 +91,16 @@ class Sampling(_Body):
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)  # None: 1, as OpenAI
+    temperature: float | None = Field(None, ge=0, le=2)  # None: 1, as OpenAI; below 1e-5: greedy
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])  # choice i uses seed + i: also in range
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # extensions, as vLLM names them
     top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0)
+    repetition_penalty: float = Field(1.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
     ignore_eos: bool = False
 
     def requested_tokens(self) -> int | None:
@@ -99,8 +109,12 @@ class Sampling(_Body):
     def sampling_params(self, max_new_tokens: int) -> list[SamplingParams]:
         """One per choice; choice i is seeded with seed + i."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > MAX_STOP or not all(stop):
-            raise APIError(400, f"stop takes at most {MAX_STOP} non-empty strings", "stop")
+        if len(stop) > MAX_STOP or not all(0 < len(s) <= MAX_STOP_CHARS for s in stop):
+            raise APIError(400, f"stop takes at most {MAX_STOP} non-empty strings of up to {MAX_STOP_CHARS} "
+                                "characters", "stop")
+        if self.seed is not None and self.seed + self.n - 1 > SEED_RANGE[1]:
+            raise APIError(400, f"seed + n - 1 = {self.seed + self.n - 1} is over {SEED_RANGE[1]} (choice i is "
+                                "seeded with seed + i): lower the seed", "seed")
         try:
             return [SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0 if self.temperature is None
                                    else self.temperature, top_p=self.top_p or 1.0, top_k=self.top_k,
@@ -117,9 +131,25 @@ class ChatRequest(Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
+    # declared so that they are refused (check_unsupported), not silently ignored
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    functions: list[dict] | None = None
+    function_call: str | dict | None = None
 
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def check_unsupported(self) -> None:
+        """400 for tool calling, which this server does not do (rather than answering as if no tools were given)."""
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise APIError(400, f"{name} are not supported by this server (no tool calling): send the request "
+                                    f"without {name!r}", name, "unsupported_parameter")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                raise APIError(400, f"{name} is not supported by this server (no tool calling)", name,
+                               "unsupported_parameter")
 
 
 class CompletionRequest(Sampling):
@@ -131,15 +161,17 @@ class CompletionRequest(Sampling):
 
 # --------------------------------------------------------------------------- images
 
-def chat_messages(messages: list[ChatMessage]) -> tuple[list[dict], int]:
-    """OpenAI messages -> phi3v messages whose "images" lists hold the image URLs; and the number of images."""
+def chat_messages(messages: list[ChatMessage], control_tokens: bool = False) -> tuple[list[dict], int]:
+    """OpenAI messages -> phi3v messages whose "images" lists hold the image URLs; and the number of images.
+    Unless control_tokens, message text stays text: `<|end|>` or `<|image_1|>` in it are not tokens or tags."""
     out, n_images = [], 0
+    mark = (lambda t: t) if control_tokens else literal
     for i, m in enumerate(messages):
         role = "system" if m.role == "developer" else m.role
         if m.content is None or isinstance(m.content, str):
-            out.append({"role": role, "content": m.content or ""})
+            out.append({"role": role, "content": mark(m.content) if m.content else ""})
             continue
-        texts = [p.text for p in m.content if p.type == "text"]
+        texts = [mark(p.text) for p in m.content if p.type == "text"]
         urls = [p.image_url.url for p in m.content if p.type == "image_url"]
         if urls and role != "user":
             raise APIError(400, f"messages[{i}]: only user messages can carry images", f"messages[{i}].content")
@@ -148,43 +180,67 @@ def chat_messages(messages: list[ChatMessage]) -> tuple[list[dict], int]:
     return out, n_images
 
 
-def _image_bytes(url: str, allow_dirs: tuple[Path, ...]) -> tuple[bytes, str]:
-    """The encoded bytes of an image_url and a name for messages: data: URLs, and file:// inside allow_dirs."""
+def _image_bytes(url: str, allow_dirs: tuple[Path, ...], index: int) -> tuple[bytes, str]:
+    """The encoded bytes of an image_url and a name for messages (never a server path): data: URLs, and file://
+    inside allow_dirs (symlinks are followed, and refused if they lead outside)."""
     if url.startswith("data:"):
-        return decode_data_url(url), "image data URL"
+        try:
+            return decode_data_url(url), f"image {index} (data URL)"
+        except InputError as e:
+            raise APIError(400, f"image {index}: {e}", "messages") from e
     scheme = urlparse(url).scheme.lower()
     if scheme in ("http", "https"):
         raise APIError(400, f"image URLs over {scheme} are not fetched (this server may have no network): send the "
                             "image inline as a base64 'data:image/...;base64,...' URL", "messages", "image_url_refused")
     if scheme != "file":
-        raise APIError(400, f"unsupported image URL {url[:60]!r}: send a base64 data: URL or a file:// URL", "messages")
-    path = Path(unquote(urlparse(url).path)).resolve()
-    if not any(path.is_relative_to(Path(d).resolve()) for d in allow_dirs):
-        where = ", ".join(map(str, allow_dirs)) or "none: start the server with --allow-dir DIR"
-        raise APIError(400, f"file URL {path} is outside the folders this server may read ({where})", "messages",
-                       "image_url_refused")
-    if not path.is_file():
-        raise APIError(400, f"image file not found: {path}", "messages")
-    return path.read_bytes(), f"image file {path}"
+        raise APIError(400, f"unsupported image URL {quote(url)}: send a base64 data: URL or a file:// URL",
+                       "messages")
+    asked = unquote(urlparse(url).path)
+    try:
+        path = Path(asked).resolve()
+        inside = any(path.is_relative_to(Path(d).resolve()) for d in allow_dirs)
+        found = inside and path.is_file()
+    except (OSError, ValueError):  # NUL bytes, loops, names too long
+        inside = found = False
+    if not inside:
+        hint = "" if allow_dirs else ": this server reads no files (start it with --allow-dir DIR)"
+        raise APIError(400, f"file URL {quote(asked)} is outside the folders this server may read{hint}",
+                       "messages", "image_url_refused")
+    if not found:
+        raise APIError(400, f"image file not found: {quote(asked)}", "messages")
+    return path.read_bytes(), f"image {index} (file URL)"
 
 
-def load_request_image(url: str, allow_dirs: tuple[Path, ...], max_pixels: int):
-    """A decoded RGB image; 413 over max_pixels (read from the header, before decoding), 400 if it is not an image
-    or is truncated (phi3v's InputError, from load_image)."""
+@dataclass
+class SizedImage:
+    """An image's encoded bytes and its size from the header: what a request costs, before any pixel is decoded."""
+
+    data: bytes
+    name: str
+    width: int
+    height: int
+
+
+def read_image_header(url: str, allow_dirs: tuple[Path, ...], max_pixels: int, index: int) -> SizedImage:
+    """Bytes and header size of an image_url; 413 over max_pixels, 400 if it is not an image (PIL reads the header
+    only: no pixel is decoded here)."""
     from PIL import Image
 
-    data, name = _image_bytes(url, allow_dirs)
+    data, name = _image_bytes(url, allow_dirs, index)
     try:
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
     except Image.DecompressionBombError as e:
         raise APIError(413, f"{name} is too large to decode ({e})", "messages", "image_too_large") from e
-    except (OSError, SyntaxError, ValueError):  # not an image: load_image says so below
-        width = height = 0
+    except Exception as e:  # PIL raises many kinds on hostile headers
+        raise APIError(400, f"{name} is not an image this server can read ({type(e).__name__})", "messages",
+                       "invalid_image") from e
+    if min(width, height) < 1:
+        raise APIError(400, f"{name} is empty ({width}x{height})", "messages", "invalid_image")
     if width * height > max_pixels:
         raise APIError(413, f"{name} is {width}x{height} = {width * height} pixels, over this server's limit of "
                             f"{max_pixels}; downscale it", "messages", "image_too_large")
-    return load_image(data, max_pixels)
+    return SizedImage(data, name, width, height)
 
 
 # --------------------------------------------------------------------------- responses
@@ -211,11 +267,16 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def finite(logprob: float) -> float:
+    """A log-probability JSON can carry: -inf (a token that cannot be drawn) and NaN become MIN_LOGPROB."""
+    return logprob if logprob > MIN_LOGPROB else MIN_LOGPROB
+
+
 def chat_logprob(label, token: int, logprob: float, top: list | None) -> dict:
     """One entry of a chat choice's logprobs.content; label: token id -> (text, UTF-8 bytes)."""
     def entry(t, lp):
         text, raw = label(t)
-        return {"token": text, "logprob": lp, "bytes": list(raw)}
+        return {"token": text, "logprob": finite(lp), "bytes": list(raw)}
 
     return {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in top or []]}
 
@@ -226,8 +287,8 @@ def completion_logprobs(label, items: list[tuple], offset: int) -> dict:
     for token, lp, top in items:
         text = label(token)[0]
         out["tokens"].append(text)
-        out["token_logprobs"].append(lp)
-        out["top_logprobs"].append({label(t)[0]: v for t, v in top or []})
+        out["token_logprobs"].append(finite(lp))
+        out["top_logprobs"].append({label(t)[0]: finite(v) for t, v in top or []})
         out["text_offset"].append(offset)
         offset += len(text)
     return out
@@ -321,4 +382,4 @@ class Reply:
 
 
 def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(obj, ensure_ascii=False, allow_nan=False)}\n\n"

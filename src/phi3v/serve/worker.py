@@ -1,5 +1,6 @@
 """The engine thread: one background thread owns the continuous-batching Engine and steps it while there is work.
-Requests reach it through a thread-safe inbox; each job's outputs go back through the job's sink."""
+Requests reach it through a thread-safe inbox; each job's outputs go back through the job's sink. A job whose
+generation fails (the engine isolates it: finish_reason "error") gets the exception; the other jobs go on."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import threading
 from dataclasses import dataclass, field
 
 from ..api import TextRow
-from ..inference.engine import Engine
+from ..inference.engine import ERROR, Engine
 from ..inference.requests import Prompt
 from ..inference.sampling import SamplingParams
 from .protocol import Out
@@ -119,9 +120,14 @@ class Worker:
     def _dispatch(self, steps) -> None:
         owner = {rid: job for job in self.jobs.values() for rid in job.rows}
         batches: dict[int, list[Out]] = {}
+        failed: dict[int, Exception] = {}
         for s in steps:
             job = owner.get(s.row)
-            if job is None or s.row not in job.rows:
+            error = self.engine.failures.pop(s.row, None)
+            if job is None or s.row not in job.rows or job.ticket in failed:
+                continue
+            if s.finish_reason == ERROR:
+                failed[job.ticket] = error or RuntimeError("generation failed")
                 continue
             index, row = job.rows[s.row]
             if s.token < 0:  # no room for any token
@@ -135,6 +141,10 @@ class Worker:
                 del job.rows[s.row]
             batches.setdefault(job.ticket, []).append(
                 Out(index, delta, s.token, row.finish_reason, s.logprob, s.top_logprobs, len(row.token_ids)))
+        for ticket, error in failed.items():  # its other choices end too; nothing more is sent to it
+            batches.pop(ticket, None)
+            self.jobs[ticket].sink(error)
+            self._cancel(ticket)
         for ticket, outs in batches.items():
             job = self.jobs[ticket]
             job.sink(outs)
