@@ -140,6 +140,7 @@ def test_mmmu_parquet(tmp_path):
                               "Answer with the option's letter from the given choices directly.")
     assert task.render(b) == "<image 1> Year?\n\nAnswer the question using a single word or phrase."
     assert len(ds.load_mmmu(tmp_path, "dev")) == 1
+    assert ds.mmmu_answers("['24', '24.0']") == ["24", "24.0"] and ds.mmmu_answers("[1, 2") == ["[1, 2"]
 
 
 def test_mmbench_tsv(tmp_path):

@@ -250,9 +250,22 @@ def load_mmmu(path, split: str = "validation") -> list[Item]:
             numbers = sorted({int(n) for n in _MMMU_IMAGE.findall(text)})
             images = [_image_value(row.get(f"image_{n}")) for n in numbers]
             qtype = row.get("question_type") or ("multiple-choice" if options else "open")
-            items.append(Item(row["id"], row["question"], [str(row.get("answer", ""))], [i for i in images if i],
+            items.append(Item(row["id"], row["question"], mmmu_answers(row.get("answer")), [i for i in images if i],
                               mmmu_subject(row["id"]), [str(o) for o in options], {"question_type": qtype}))
     return items
+
+
+def mmmu_answers(answer) -> list[str]:
+    """A few open MMMU answers are lists, stored in the parquet as their repr ("['24', '24.0']"): MMMU's own
+    answer_dict keeps them as lists, and eval_open accepts any of them."""
+    if isinstance(answer, str) and answer.startswith("["):
+        try:
+            parsed = ast.literal_eval(answer)
+            if isinstance(parsed, list):
+                return [str(a) for a in parsed]
+        except (ValueError, SyntaxError):
+            pass
+    return [str(answer if answer is not None else "")]
 
 
 def mmmu_subject(item_id: str) -> str:
