@@ -196,3 +196,17 @@ def test_mmmu_fallback_stream_follows_item_order():
     # random.Random(42) picks A then A for the two unparseable answers: both "right", as MMMU would count them
     assert [r["score"] for r in rep["items"]] == [1.0, 1.0, 1.0, 1.0]
     assert runner.rescore(task, rep) == rep
+
+
+def test_cli_rescores_jsonl_against_data(tmp_path, capsys):
+    lines = [{"question_id": k, "image": "x.jpg", "text": f"Is there a thing {k}?", "label": lab}
+             for k, lab in enumerate(["yes", "no", "yes", "no"])]
+    (tmp_path / "coco_pope_random.json").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps({"id": f"random-{k}", "prediction": p}) + "\n"
+                             for k, p in enumerate(["Yes", "No", "Yes, there is.", "yes"])))
+    assert cli("--task", "pope", "--data", str(tmp_path), "--predictions", str(preds), "--json") == 0
+    s = json.loads(capsys.readouterr().out)
+    # tp 2, fp 1, fn 0: precision 2/3, recall 1, F1 0.8; accuracy 3/4
+    assert (s["n"], s["overall"], s["metrics"]["accuracy"], s["categories"]) == (4, pytest.approx(0.8), 0.75,
+                                                                                 {"random": pytest.approx(0.8)})

@@ -318,6 +318,7 @@ def load_pope(path, split: str = "") -> list[Item]:
     folder of them; category = the variant named in the file name (or the row's "category")."""
     path = _exists(path, "POPE data")
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
+    files = [f for f in files if "pope" in f.stem.lower()] or files  # the release names them coco_pope_*
     if split:
         files = [f for f in files if split in f.stem] or files
     if not files:
@@ -326,6 +327,8 @@ def load_pope(path, split: str = "") -> list[Item]:
     for f in files:
         variant = next((v for v in ("adversarial", "popular", "random") if v in f.stem), f.stem)
         for row in read_jsonl(f):
+            if "image" not in row or "question_id" not in row:
+                raise InputError(f"{f}: a row without \"image\" or \"question_id\"; is this a POPE file?")
             name = row["image"]
             image = next((f.parent / d / name for d in POPE_IMAGE_DIRS if (f.parent / d / name).is_file()),
                          f.parent / name)
