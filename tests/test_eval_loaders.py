@@ -202,3 +202,9 @@ def test_missing_path_says_what_to_do(tmp_path):
         get_task("docvqa").load(tmp_path / "nope")
     with pytest.raises(InputError, match="unknown task"):
         get_task("gqa")
+
+
+def test_file_in_another_layout_is_an_input_error(tmp_path):
+    (tmp_path / "val_v1.0.json").write_text(json.dumps({"data": [{"question": "no id"}]}))
+    with pytest.raises(InputError, match="does not look like docvqa data"):
+        get_task("docvqa").load(tmp_path)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from ..errors import InputError
+from ..errors import InputError, Phi3VError
 from . import datasets as ds
 from . import metrics as M
 from .datasets import Item
@@ -38,8 +38,17 @@ class Task:
     max_new_tokens = 16
     split = "test"
 
+    loader = None  # datasets.load_*(path, split)
+
     def load(self, path, split: str | None = None) -> list[Item]:
-        raise NotImplementedError
+        """The items of the dataset at path (a file or folder in its published layout)."""
+        try:
+            return type(self).loader(path, self.split if split is None else split)
+        except Phi3VError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError) as e:  # a file that is not in this layout
+            raise InputError(f"{path} does not look like {self.name} data in its published layout "
+                             f"({type(e).__name__}: {e})") from e
 
     def render(self, item: Item) -> str:
         return self.prompt.format(question=item.question)
@@ -63,8 +72,7 @@ class ChartQA(Task):
     name, metric, split = "chartqa", "relaxed accuracy (5%)", "test"
     prompt = "{question}\nAnswer the question with a single word."  # lmms-eval chartqa post_prompt
 
-    def load(self, path, split=None):
-        return ds.load_chartqa(path, split or self.split)
+    loader = staticmethod(ds.load_chartqa)
 
     def score_one(self, item, prediction):
         return M.relaxed_correctness(prediction, item.answers[0]) if item.answers else False
@@ -74,8 +82,7 @@ class DocVQA(Task):
     name, metric, split, max_new_tokens = "docvqa", "ANLS", "val", 32
     prompt = "{question}" + VQA_PROMPT
 
-    def load(self, path, split=None):
-        return ds.load_docvqa(path, split or self.split)
+    loader = staticmethod(ds.load_docvqa)
 
     def score_one(self, item, prediction):
         return M.anls(prediction, item.answers)
@@ -85,8 +92,7 @@ class TextVQA(Task):
     name, metric, split = "textvqa", "VQA accuracy (EvalAI)", "val"
     prompt = "{question.capitalize()}" + VQA_PROMPT  # lmms-eval textvqa_doc_to_text: question.capitalize()
 
-    def load(self, path, split=None):
-        return ds.load_textvqa(path, split or self.split)
+    loader = staticmethod(ds.load_textvqa)
 
     def render(self, item):
         return item.question.capitalize() + VQA_PROMPT  # str.capitalize also lower-cases the rest, as lmms-eval
@@ -99,8 +105,7 @@ class ScienceQA(Task):
     name, metric, split = "scienceqa", "accuracy (lmms-eval sqa parsing)", "test"
     prompt = "Context: {hint}\n{question}\n{A. choice\\n...}" + MC_PROMPT  # the Context line only with a hint
 
-    def load(self, path, split=None):
-        return ds.load_scienceqa(path, split or self.split)
+    loader = staticmethod(ds.load_scienceqa)
 
     def render(self, item):
         hint = item.meta.get("hint")
@@ -115,8 +120,7 @@ class AI2D(Task):
     name, metric, split = "ai2d", "accuracy (lmms-eval ai2d filter + exact match)", "test"
     prompt = "{question}\n{A. choice\\n...}" + MC_PROMPT
 
-    def load(self, path, split=None):
-        return ds.load_ai2d(path, split or self.split)
+    loader = staticmethod(ds.load_ai2d)
 
     def render(self, item):
         return f"{item.question}\n{options_text(item.choices)}{MC_PROMPT}"
@@ -130,8 +134,7 @@ class MMMU(Task):
     prompt = ("multiple-choice: {question}\n{A. choice\\n...}\n\nAnswer with the option's letter from the given "
               "choices directly. | open: {question}\n\nAnswer the question using a single word or phrase.")
 
-    def load(self, path, split=None):
-        return ds.load_mmmu(path, split or self.split)
+    loader = staticmethod(ds.load_mmmu)
 
     def render(self, item):
         if item.meta.get("question_type") == "multiple-choice":  # lmms-eval mmmu construct_prompt
@@ -155,8 +158,7 @@ class MMBench(Task):
     name, metric, split, max_new_tokens = "mmbench", "circular accuracy (VLMEvalKit exact matching)", "dev", 32
     prompt = "{hint} {question} There are several options:\n{A. choice\\n...}" + MC_PROMPT  # lmms-eval mmbench_en
 
-    def load(self, path, split=None):
-        return ds.load_mmbench(path, split or self.split)
+    loader = staticmethod(ds.load_mmbench)
 
     def render(self, item):
         options = "There are several options:\n" + options_text(item.choices)
@@ -180,8 +182,7 @@ class POPE(Task):
     name, metric, split, max_new_tokens = "pope", "F1 (yes = positive; VLMEvalKit yes/no extraction)", "", 128
     prompt = "{question}" + VQA_PROMPT  # lmms-eval pope: question.strip() + post_prompt
 
-    def load(self, path, split=None):
-        return ds.load_pope(path, split if split is not None else self.split)
+    loader = staticmethod(ds.load_pope)
 
     def render(self, item):
         return item.question.strip() + VQA_PROMPT
@@ -206,8 +207,7 @@ class Synth(Task):
     slack = 16  # tokens beyond the answer: room for spaces, a newline or a final period
     max_new_tokens = 512
 
-    def load(self, path, split=None):
-        return ds.load_synth(path, split or self.split)
+    loader = staticmethod(ds.load_synth)
 
     def budget(self, item):
         """Every token is at least one byte, so an output longer than the longest answer's UTF-8 bytes plus
