@@ -19,6 +19,7 @@ from ..models import build_model, config_from_dict, is_vision_config
 from ..models.clip import CROP_SIZE, PATCH_SIZE
 from ..models.config import read_json
 from ..models.layers import RMSNorm
+from ..models.phi3_v import MERGE
 from ..models.phimoe import PhiMoEForCausalLM
 from .files import TOKENIZER_FILES, copy_tokenizer_files
 from .load import parse_dtype
@@ -30,7 +31,8 @@ __all__ = ["RANDOM_MARKER", "SMALL_CLIP", "TOKENIZER_FILES", "Sizes", "create_ra
 RANDOM_MARKER = "phi3v_random_weights"  # config.json key that marks the weights as random
 # The fixtures' tiny CLIP (shared/fixtures/phi3v/README.md): used when the decoder is shrunk and no CLIP size is given.
 SMALL_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 3}
-CLIP_FIXED = {"image_size": CROP_SIZE, "patch_size": PATCH_SIZE, "layer_norm_eps": 1e-5, "hidden_act": "quick_gelu"}
+# CLIP keys a resized tower keeps from the source (or these defaults) unless Sizes gives vision_image_size/patch_size
+CLIP_DEFAULTS = {"image_size": CROP_SIZE, "patch_size": PATCH_SIZE, "layer_norm_eps": 1e-5, "hidden_act": "quick_gelu"}
 NORM_STD, BIAS_STD, GN_STD = 0.1, 0.05, 0.3  # norm weights 1 + N(0, .1); biases; glb_GN / sub_GN (as the fixtures)
 
 
@@ -57,13 +59,16 @@ class Sizes:
     vision_hidden: int | None = None
     vision_heads: int | None = None
     vision_intermediate: int | None = None
+    vision_image_size: int | None = None  # the crop side S (every HD crop and the global view are S x S)
+    vision_patch_size: int | None = None
 
     DECODER_KEYS = {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
                     "kv_heads": "num_key_value_heads", "intermediate": "intermediate_size",
                     "experts": "num_local_experts", "original_max": "original_max_position_embeddings",
                     "sliding_window": "sliding_window"}
     VISION_KEYS = {"vision_layers": "num_hidden_layers", "vision_hidden": "hidden_size",
-                   "vision_heads": "num_attention_heads", "vision_intermediate": "intermediate_size"}
+                   "vision_heads": "num_attention_heads", "vision_intermediate": "intermediate_size",
+                   "vision_image_size": "image_size", "vision_patch_size": "patch_size"}
 
     def given(self, keys: dict[str, str]) -> dict[str, int]:
         """{config.json key: size} of the sizes set among `keys`."""
@@ -99,10 +104,15 @@ def derive_vision_config(d: dict, shrink: bool, sizes: Sizes = Sizes()) -> dict:
     ip = d["img_processor"]
     if not (shrink or given):
         return d
-    vc = {**SMALL_CLIP, **CLIP_FIXED, **ip.get("vision_config", {}), **given}
+    vc = {**SMALL_CLIP, **CLIP_DEFAULTS, **ip.get("vision_config", {}), **given}
     if vc["hidden_size"] % vc["num_attention_heads"]:
         raise CheckpointError(f"CLIP width {vc['hidden_size']} is not a multiple of its {vc['num_attention_heads']} "
                               "heads; pick --vision-hidden and --vision-heads that divide")
+    side, rest = divmod(vc["image_size"], vc["patch_size"])
+    if rest or side % MERGE:
+        raise CheckpointError(f"CLIP image size {vc['image_size']} is not an even multiple of patch size "
+                              f"{vc['patch_size']} (the 2x2 merge needs an even patch grid); pick sizes that divide")
+    ip["num_img_tokens"] = (side // MERGE) ** 2  # merged tokens per crop
     vc["projection_dim"] = vc["hidden_size"]  # stored by the reference config, unused by Phi-3-vision
     ip["vision_config"] = vc
     ip["image_dim_out"] = vc["hidden_size"]  # the HD merge concatenates 4 CLIP rows: glb_GN/sub_GN are 4x this wide

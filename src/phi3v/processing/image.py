@@ -189,6 +189,19 @@ def crops_with_global_view(hd: torch.Tensor, crop_size: int = CROP_SIZE) -> torc
     return torch.cat([glb, crops.reshape(-1, 3, crop_size, crop_size)])
 
 
+def _crop_and_patch(folder: Path) -> tuple[int, int]:
+    """(crop size, patch size) of a checkpoint: its CLIP `image_size` / `patch_size`, CLIP ViT-L/14-336's if unset."""
+    file = folder / "config.json"
+    config = read_json(file, "config.json") if file.is_file() else {}
+    vision = (config.get("img_processor") or {}).get("vision_config") or {}
+    crop_size, patch_size = vision.get("image_size", CROP_SIZE), vision.get("patch_size", PATCH_SIZE)
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (crop_size, patch_size))
+    if not ok or crop_size % (patch_size * MERGE):
+        raise CheckpointError(f"{file}: CLIP image_size {crop_size!r} must be a positive multiple of 2 x patch_size "
+                              f"{patch_size!r}; fix img_processor.vision_config")
+    return crop_size, patch_size
+
+
 @dataclass(frozen=True)
 class ImageProcessor:
     """Images -> `pixel_values`, `image_sizes`, `num_img_tokens` exactly as the reference Phi3VImageProcessor."""
@@ -207,16 +220,18 @@ class ImageProcessor:
 
     @classmethod
     def from_dir(cls, path: str | Path, num_crops: int | None = None) -> ImageProcessor:
-        """Read `preprocessor_config.json` of a checkpoint folder (CLIP defaults if the file is absent); an explicit
-        `num_crops` overrides the file's."""
+        """Read `preprocessor_config.json` of a checkpoint folder (CLIP defaults if the file is absent) and the crop and
+        patch size from its config.json (`img_processor.vision_config`); an explicit `num_crops` overrides the file's."""
         folder = Path(path)
         if not folder.is_dir():
             raise CheckpointError(f"checkpoint folder not found: {folder}")
         file = folder / PREPROCESSOR_CONFIG
         config = read_json(file, PREPROCESSOR_CONFIG) if file.is_file() else {}
+        crop_size, patch_size = _crop_and_patch(folder)
         return cls(num_crops=num_crops if num_crops is not None else config.get("num_crops", DEFAULT_NUM_CROPS),
                    image_mean=tuple(config.get("image_mean", CLIP_MEAN)),
-                   image_std=tuple(config.get("image_std", CLIP_STD)))
+                   image_std=tuple(config.get("image_std", CLIP_STD)),
+                   crop_size=crop_size, patch_size=patch_size)
 
     def num_tokens_for_size(self, width: int, height: int, num_crops: int | None = None) -> int:
         """Image tokens a width x height image will take, without decoding it (e.g. to budget video frames)."""
