@@ -21,11 +21,13 @@ from torch import nn
 
 from ..errors import CheckpointError, InputError
 from ..models.phimoe import Experts
+from . import cpu_int8
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 INT4_N_MULTIPLE = 16  # the CPU int4 kernel packs output channels in blocks of 16 (CUDA's needs 8)
 SMALL_M = 4  # CPU kernels other than bf16 are scalar loops (CUDA's int8 one is a thread per output): decode sizes only
+FBGEMM_MIN_ROWS = 16  # from this many rows on (prefill, CLIP), fbgemm's int8 GEMM beats the int8 x bf16 GEMV kernel
 VISION = "model.vision_embed_tokens."
 ROUTER = "block_sparse_moe.gate"  # PhiMoE's router stays in float: 16 outputs that decide the top-2 experts
 
@@ -125,13 +127,25 @@ class WeightOnlyInt8Linear(QuantizedLinear):
         self.weight, self.scales = quantize_int8(w, w.dtype)
 
     def pack(self) -> None:
-        """The CPU bf16 kernel needs the weight on a 64-byte boundary; a memory-mapped tensor may not be."""
+        """The CPU bf16 kernel needs the weight on a 64-byte boundary (a memory-mapped tensor may not be on one);
+        half-precision CPU layers also get fbgemm's packed copy for many-row inputs (cpu_int8)."""
         _expect(self.weight, torch.int8, "an int8 layer's weight")
         if self.weight.data_ptr() % 64 or not self.weight.is_contiguous():
             self.weight = self.weight.clone(memory_format=torch.contiguous_format)
+        on_cpu = self.weight.device.type == "cpu" and self.in_features >= 2
+        half = self.scales.dtype in (torch.bfloat16, torch.float16)  # float32 layers keep the exact kernel alone
+        self.packed = cpu_int8.prepack(self.weight, self.scales) if on_cpu and half else None
 
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        packed = getattr(self, "packed", None)
+        if (packed is not None and x2d.shape[0] >= FBGEMM_MIN_ROWS and x2d.device.type == "cpu"
+                and self.weight.device.type == "cpu"):
+            return cpu_int8.matmul(x2d, packed).to(x2d.dtype)
         return int8_matmul(x2d, self.weight, self.scales)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.packed = None  # a copy of the old weight; pack_for_kernels packs the new one
+        super()._load_from_state_dict(*args, **kwargs)
 
 
 class WeightOnlyInt4Linear(QuantizedLinear):

@@ -1,0 +1,87 @@
+"""PyTorch's fbgemm int8 GEMM (`quantized::linear_dynamic`, in torch core) for the int8 layers' half-precision CPU
+forward at many rows (prefill, the CLIP tower), where PyTorch's int8 x bf16 kernel is a row-at-a-time loop.
+
+fbgemm quantizes its input per tensor to 8 bits, which alone would cost the weight-only scheme its accuracy (about 1%
+of the output's range). So each input row goes in twice: its 8-bit rounding, on a grid chosen here that fbgemm's own
+quantization reproduces exactly, and that rounding's remainder scaled up by QMAX - 1, together about 16-bit
+activations; one more row, [-1, 1, 0, ...], pins fbgemm's range to [-1, 1] so that its grid is the one chosen here.
+Rows are divided by their own largest magnitude first (per-row scales: an outlier row costs the others nothing).
+Results agree with the dequantized matmul to ~1e-4 of the output's range; the GEMM does twice the rows.
+
+Notation: M rows, K in features, N out features.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from ..hardware import cpu_flags
+
+ENGINE = "fbgemm"
+VNNI = ("avx512_vnni", "avx_vnni")  # dot products of u8 x s8 without the int16 saturation of vpmaddubsw
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this PyTorch build has fbgemm (x86 builds do; ARM and some others do not)."""
+    return ENGINE in torch.backends.quantized.supported_engines
+
+
+@functools.cache
+def reduce_range() -> bool:
+    """7-bit activations where the CPU lacks VNNI (fbgemm's u8 x s8 pairs could saturate int16 otherwise)."""
+    flags = cpu_flags() or frozenset()
+    return not any(f in flags for f in VNNI)
+
+
+def prepack(weight: torch.Tensor, scales: torch.Tensor):
+    """int8 (N, K) and per-output-channel scales (N,) -> fbgemm's packed weight (a copy), or None where this PyTorch
+    cannot (said once, as a warning: the layer then runs PyTorch's int8 x bf16 kernel at every size)."""
+    if not available():
+        _fallback(f"this PyTorch has no {ENGINE} engine")
+        return None
+    previous = torch.backends.quantized.engine
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensors are deprecated: the packed weight is what is used
+            q = torch._make_per_channel_quantized_tensor(weight.contiguous(), scales.double(),
+                                                         torch.zeros(weight.shape[0], dtype=torch.long), 0)
+            torch.backends.quantized.engine = ENGINE  # prepack packs for the engine current at the call
+            return torch.ops.quantized.linear_prepack(q, None)
+    except (RuntimeError, AttributeError, NotImplementedError) as e:
+        _fallback(f"{type(e).__name__}: {e}")
+        return None
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+@functools.cache
+def _fallback(why: str) -> None:
+    warnings.warn(f"phi3v: fbgemm's int8 GEMM is unavailable ({why}); many-row int8 layers use PyTorch's int8 x "
+                  "bf16 kernel instead (slower prefill)", RuntimeWarning, stacklevel=3)
+
+
+def unpack(packed) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed weight back as int8 (N, K) and float32 scales (N,) (fresh copies)."""
+    q, _ = torch.ops.quantized.linear_unpack(packed)
+    return q.int_repr(), q.q_per_channel_scales().float()
+
+
+def matmul(x2d: torch.Tensor, packed) -> torch.Tensor:
+    """(M, K) float @ the packed int8 weight's dequantized (N, K).T -> float32 (M, N); K >= 2."""
+    M, K = x2d.shape
+    qmax = 127 if reduce_range() else 255
+    step = 2 / qmax  # fbgemm's grid over [-1, 1]: k * step for integer k
+    top = (qmax - 1) // 2 * step  # rows are scaled into [-top, top], whose rounding stays on that grid
+    x = x2d.float()
+    amax = x.abs().amax(1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
+    z = torch.empty(2 * M + 1, K)
+    torch.mul(x, top / amax, out=z[:M])  # rows within [-top, top]
+    torch.mul(z[:M], 1 / step, out=z[M:2 * M]).round_().mul_(step)  # their 8-bit rounding, on fbgemm's grid
+    z[:M].sub_(z[M:2 * M]).mul_(qmax - 1)  # the remainder (within +-step/2) scaled up to +-top
+    z[2 * M].zero_()[:2] = torch.tensor([-1.0, 1.0])  # pins fbgemm's range, and so its grid
+    y = torch.ops.quantized.linear_dynamic(z, packed, reduce_range())  # (2M + 1, N)
+    return y[M:2 * M].add_(y[:M], alpha=1 / (qmax - 1)).mul_(amax / top)
