@@ -151,6 +151,27 @@ def test_a_failing_request_ends_alone(keyed, text, kind, monkeypatch):
     assert chat(http, svc).json()["choices"][0]["message"]["content"] == greedy(text)
 
 
+def test_image_and_text_requests_share_a_batch(vision):
+    """Found by the soak benchmark: Engine._decode's `r not in greedy` compared Requests with ==, hence their image
+    embedding tensors, and raised; the worker failed every job in flight."""
+    app = create_app(vision, Settings(max_batch=4, max_context=1024, max_images=1))
+    svc = app.state.service
+    question = "What does this chart show?"
+    image = {"type": "image_url", "image_url": {"url": data_url(example_image().read_bytes())}}
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        def ask(content):
+            return lambda: http.post("/v1/chat/completions", json={"model": svc.name, "max_tokens": 8,
+                                     "temperature": 0, "messages": [{"role": "user", "content": content}]})
+
+        with_image = ask([{"type": "text", "text": question}, image])
+        got = together([with_image, ask("Hello there"), with_image, ask("Tell me a story.")], svc, 4)
+    want = [vision.generate(question, images=[str(example_image())], max_new_tokens=8).text,
+            greedy(vision, 8, "Hello there")]
+    want += [want[0], greedy(vision, 8, "Tell me a story.")]
+    assert [r.status_code for r in got] == [200] * 4
+    assert [r.json()["choices"][0]["message"]["content"] for r in got] == want
+
+
 def test_engine_isolates_a_failing_request(text):
     """The engine itself: the failing row ends with finish_reason "error", the others are exactly as alone."""
     prompts = [Prompt(text.render(f"Question {i}?")) for i in range(3)]
@@ -441,7 +462,8 @@ def test_message_text_cannot_write_control_tokens_or_image_tags(keyed, text, vis
 
 def test_half_open_and_stalled_connections_time_out(text):
     """Before: a client that sent half a request head (or half a body) held its connection forever."""
-    app = create_app(text, Settings(max_batch=1, max_context=64, header_timeout_s=0.3, body_timeout_s=0.3))
+    app = create_app(text, Settings(max_batch=1, max_context=64, header_timeout_s=0.3, body_timeout_s=0.3,
+                                    shutdown_grace_s=0.5))
     with running(app) as url:
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=30) as s:

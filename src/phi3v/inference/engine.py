@@ -36,7 +36,7 @@ class Stats:
     decode_s: float = 0.0
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: `r in rows` must not compare prompts (their embedding tensors)
 class Request:
     prompt: Prompt
     params: SamplingParams

@@ -25,8 +25,8 @@ from ..processing.image import DEFAULT_MAX_PIXELS, load_image
 from .checks import check_image_cost, loads
 from .limits import Guard, header_timeout_protocol
 from .protocol import APIError, ChatRequest, CompletionRequest, Reply, chat_messages, quote, token_labels
-from .schema import ERROR_RESPONSES, openapi_schema
-from .worker import Job, QueueFull, Worker
+from .schema import RESPONSES, openapi_schema
+from .worker import EngineFailure, Job, QueueFull, Worker
 
 STATIC = Path(__file__).resolve().parent / "static"
 API_KEY_ENV = "PHI3V_API_KEY"
@@ -117,6 +117,8 @@ class Service:
 
     def submit(self, prompt: Prompt, body, logprobs: int | None, json_mode: bool):
         """Hand a job to the engine thread (429 when the queue is full); returns its ticket and its asyncio queue."""
+        if not prompt.ids:
+            raise APIError(400, "the prompt is empty: give at least one token of text", "prompt")
         q: asyncio.Queue = asyncio.Queue()
         loop = self.loop
 
@@ -147,6 +149,8 @@ class Service:
                     get.cancel()
                     return
                 item = get.result()
+                if isinstance(item, EngineFailure):
+                    raise APIError(500, f"the engine failed while generating ({item})", code="engine_failed")
                 if isinstance(item, Exception):  # this request alone failed (see Engine.failures)
                     raise APIError(500, f"generating this request failed ({type(item).__name__}: {item}); other "
                                         "requests are not affected", code="generation_failed") from item
@@ -180,7 +184,7 @@ def create_app(model, settings: Settings | None = None):
     """The FastAPI app serving `model` (a loaded phi3v.api.Phi3Model) with `settings`."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
     from pydantic import ValidationError
     from starlette.exceptions import HTTPException
 
@@ -231,7 +235,7 @@ def create_app(model, settings: Settings | None = None):
         return {"object": "list", "data": [{"id": svc.name, "object": "model", "created": 0, "owned_by": "phi3v",
                                             "max_model_len": svc.engine.max_context}]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         st, w = svc.engine.stats, svc.worker
         lines = [
@@ -250,11 +254,11 @@ def create_app(model, settings: Settings | None = None):
                         for (r, c), k in sorted(svc.counts.items()))
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    @app.get("/")
+    @app.get("/", response_class=HTMLResponse)
     async def index():
         return FileResponse(STATIC / "index.html")
 
-    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
+    @app.post("/v1/chat/completions", responses=RESPONSES)
     async def chat(request: Request):
         body = await parse(request, ChatRequest)
         body.check_unsupported()
@@ -281,7 +285,7 @@ def create_app(model, settings: Settings | None = None):
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         return await svc.respond(request, body, prompt, "chat", logprobs, json_mode)
 
-    @app.post("/v1/completions", responses=ERROR_RESPONSES)
+    @app.post("/v1/completions", responses=RESPONSES)
     async def completions(request: Request):
         body = await parse(request, CompletionRequest)
         text = body.prompt

@@ -8,10 +8,14 @@ ERROR_BODY = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type"],
     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                    "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
-ERROR_RESPONSES = {code: {"description": what, "content": {"application/json": {"schema": ERROR_BODY}}}
+RESPONSES = {code: {"description": what, "content": {"application/json": {"schema": ERROR_BODY}}}
                    for code, what in [(400, "Bad request"), (401, "Missing or invalid API key"),
                                       (404, "Model not served here"), (408, "Request body stalled"),
                                       (413, "Request body or image too large"), (429, "Queue full")]}
+# 200: the whole response as JSON, or with "stream": true server-sent events
+RESPONSES[200] = {"description": "The completion", "content": {
+    "application/json": {"schema": {"type": "object"}},
+    "text/event-stream": {"schema": {"type": "object", "properties": {"data": {"type": "string"}}}}}}
 
 
 def openapi_schema(app, served_name: str) -> dict:

@@ -33,6 +33,10 @@ class QueueFull(Exception):
     pass
 
 
+class EngineFailure(Exception):
+    """The engine step itself failed (a bug): every job in flight ends with it, the thread goes on serving."""
+
+
 class Worker:
     """Owns the engine: adds, steps and cancels on its own thread; everything else talks to it through the inbox."""
 
@@ -92,7 +96,7 @@ class Worker:
                     self._dispatch(self.engine.step())
                 except Exception as e:  # a bug, not a bad request: fail what is running, keep serving
                     for ticket, job in list(self.jobs.items()):
-                        job.sink(e)
+                        job.sink(EngineFailure(f"{type(e).__name__}: {e}"))
                         self._cancel(ticket)
             with self.lock:
                 self.waiting, self.running = len(self.engine.waiting), len(self.engine.running)
