@@ -24,6 +24,7 @@ COMMANDS = {
     "synth": "synth",
     "train": "train",
     "eval": "eval",
+    "recipe": "recipe",
 }
 
 
