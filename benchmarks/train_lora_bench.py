@@ -135,6 +135,7 @@ def main() -> int:
                     print(f"{name} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
                     continue
                 runs.setdefault(name, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(f"round {r + 1} {name}: {runs[name][-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
         results = {}
         for name, rs in runs.items():
             rs = sorted(rs, key=lambda x: x["tokens_per_s"])
