@@ -1,13 +1,18 @@
-"""Convert a phi3v Phi-3 / Phi-3.5-mini text checkpoint to GGUF (llama.cpp's "phi3" architecture) and, when a
-llama.cpp build is on PATH, run `llama-bench` on it beside `phi3v bench` on the same model and print the ratio.
+"""phi3v against llama.cpp on the same Phi-3 / Phi-3.5-mini text checkpoint, at every bit width, in one run:
+bf16 / Q8_0 / Q4_0 GGUFs through `llama-bench` beside `phi3v bench` in bf16 / int8 / int4 (group 128), with
+interleaved repetitions (one llama.cpp run, then one phi3v run, per width per repetition, so that whatever else the
+machine is doing hits both sides), medians, ratios, the CPU's flags and the decode bandwidth limit
+(weight bytes read per token / the measured read bandwidth).
 
-    python benchmarks/llama_bench.py --model DIR [--out-gguf PATH] [--type bf16|f32]
-                                     [--prompt-tokens 128] [--new-tokens 64] [--threads 2] [--no-convert]
+    python benchmarks/build_llama_cpp.py        # once: llama-bench and llama-quantize into ~/.cache/phi3v/llama.cpp
+    python benchmarks/llama_bench.py --model DIR [--widths bf16,int8,int4] [--reps 3] [--prompt-tokens 128]
+                                     [--new-tokens 64] [--threads 2] [--gguf-dir DIR]
 
-The GGUF is written with the `gguf` package (llama.cpp's own writer, `pip install gguf`), following the
+The bf16 GGUF is written with the `gguf` package (llama.cpp's own writer, `pip install gguf`), following the
 conventions of llama.cpp's convert_hf_to_gguf.py for Phi3ForCausalLM: fused attn_qkv and ffn_up (gate|up,
 2*I rows), f32 norms, LongRoPE factors as rope_factors_long / rope_factors_short and the LongRoPE attention
-factor as rope.scaling.attn_factor. Without llama-bench on PATH the script says so on one line and exits 0.
+factor as rope.scaling.attn_factor; Q8_0 and Q4_0 are made from it by `llama-quantize` (its defaults: Q4_0 keeps
+the output matrix at Q6_K). Without llama-bench (neither built nor on PATH) the script says so and exits 0.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -199,14 +205,80 @@ def convert(model_dir: str | Path, out: str | Path, out_type: str = "bf16") -> P
     return out
 
 
+WIDTHS = {"bf16": ("BF16", None), "int8": ("Q8_0", "int8"), "int4": ("Q4_0", "int4")}  # ours: (GGUF type, --quantize)
+BYTES_PER_WEIGHT = {"bf16": (2.0, 2.0), "int8": (1 + 2 / 3072, 34 / 32), "int4": (0.5 + 4 / 128, 18 / 32)}  # phi3v, GGUF
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
+             "asimd", "sve")
+
+
+def cpu_summary() -> str:
+    name, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name == "unknown CPU":
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")) and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    have = [f for f in CPU_FLAGS if f in flags]
+    lacks = [f for f in CPU_FLAGS if f not in flags]
+    return f"{name}, {os.cpu_count()} cores; has {' '.join(have) or '-'}; lacks {' '.join(lacks) or '-'}"
+
+
+def read_bandwidth_gb_s(threads: int, mib: int = 1024, reps: int = 5) -> float:
+    """Best of `reps` sums over a buffer much larger than the caches: the read bandwidth decode can hope for."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(mib * 2**20 // 4)
+    best = float("inf")
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def decode_weights(model_dir: Path) -> int:
+    """Weights read per decoded token: every linear of the decoder and lm_head (not the embedding table)."""
+    cfg = read_json(model_dir / "config.json")
+    C, I, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    hd = C // cfg["num_attention_heads"]
+    return L * (C * (C + 2 * kv * hd) + C * C + 2 * I * C + I * C) + V * C
+
+
+def find_llama_tools() -> dict[str, str] | None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from build_llama_cpp import find_tools
+
+    return find_tools()
+
+
+def ggufs(model_dir: Path, out_dir: Path, widths, quantize_exe: str) -> dict[str, Path]:
+    """The bf16 GGUF (converted once) and its Q8_0 / Q4_0 quantizations, cached in out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bf16 = out_dir / f"{model_dir.name}-BF16.gguf"
+    if not bf16.exists():
+        convert(model_dir, bf16, "bf16")
+    paths = {}
+    for w in widths:
+        kind = WIDTHS[w][0]
+        path = out_dir / f"{model_dir.name}-{kind}.gguf"
+        if not path.exists():
+            subprocess.run([quantize_exe, str(bf16), str(path), kind], check=True, capture_output=True)
+        paths[w] = path
+    return paths
+
+
 def run_llama_bench(exe: str, gguf_path: Path, p: int, n: int, threads: int) -> dict:
-    cmd = [exe, "-m", str(gguf_path), "-p", str(p), "-n", str(n), "-t", str(threads), "-o", "json"]
+    cmd = [exe, "-m", str(gguf_path), "-p", str(p), "-n", str(n), "-t", str(threads), "-r", "1", "-o", "json"]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise SystemExit(f"llama-bench failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
-    rows = json.loads(res.stdout)
     out = {}
-    for r in rows:
+    for r in json.loads(res.stdout):
         if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0:
             out["prefill_tok_s"] = r["avg_ts"]
         elif r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0:
@@ -214,54 +286,103 @@ def run_llama_bench(exe: str, gguf_path: Path, p: int, n: int, threads: int) -> 
     return out
 
 
-def run_phi3v_bench(model_dir: Path, p: int, n: int, threads: int, dtype: str) -> dict:
+def run_phi3v_bench(model_dir: Path, p: int, n: int, threads: int, quantize: str | None,
+                    dtype: str = "bfloat16") -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "phi3v.cli", "bench", "--model", str(model_dir), "--prompt-tokens", str(p),
-           "--new-tokens", str(n), "--dtype", dtype, "--json"]
+           "--new-tokens", str(n), "--dtype", dtype, "--json"] + (["--quantize", quantize] if quantize else [])
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode != 0:
         raise SystemExit(f"phi3v bench failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])["phi3v"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="a phi3v Phi-3 / Phi-3.5-mini text checkpoint folder")
-    ap.add_argument("--out-gguf", default=None, help="where to write the GGUF (default: MODEL/model-TYPE.gguf)")
-    ap.add_argument("--type", choices=["bf16", "f32"], default="bf16")
-    ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-convert", action="store_true", help="use an existing --out-gguf / skip writing it")
-    args = ap.parse_args(argv)
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 
-    model_dir = Path(args.model)
-    out = Path(args.out_gguf) if args.out_gguf else model_dir / f"model-{args.type}.gguf"
+
+def single(args) -> int:
+    """The one-width mode (--out-gguf / --type / --no-convert): convert, then compare if llama-bench is on PATH."""
+    model_dir, kind = Path(args.model), args.type or "bf16"
+    out = Path(args.out_gguf) if args.out_gguf else model_dir / f"model-{kind}.gguf"
     exe = shutil.which("llama-bench")
     if exe is None and args.no_convert:
         print(f"{SKIP_MESSAGE} (nothing converted: --no-convert)")
         return 0
     if not args.no_convert:
-        convert(model_dir, out, args.type)
-        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})")
+        convert(model_dir, out, kind)
+        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {kind})")
     elif not out.exists():
         raise SystemExit(f"--no-convert: {out} does not exist")
     if exe is None:
         print(f"{SKIP_MESSAGE} (GGUF at {out})")
         return 0
-
-    dtype = "bfloat16" if args.type == "bf16" else "float32"
     llama = run_llama_bench(exe, out, args.prompt_tokens, args.new_tokens, args.threads)
-    ours = run_phi3v_bench(model_dir, args.prompt_tokens, args.new_tokens, args.threads, dtype)
-    print(f"{args.prompt_tokens} prompt tokens, {args.new_tokens} new tokens, {args.threads} threads, {args.type}")
-    print(f"{'':12}{'prefill tok/s':>14}{'decode tok/s':>14}")
-    print(f"{'phi3v':12}{ours['prefill_tok_s']:14.1f}{ours['decode_tok_s']:14.2f}")
-    nan = float("nan")
-    print(f"{'llama.cpp':12}{llama.get('prefill_tok_s', nan):14.1f}{llama.get('decode_tok_s', nan):14.2f}")
+    ours = run_phi3v_bench(model_dir, args.prompt_tokens, args.new_tokens, args.threads, None,
+                           "bfloat16" if kind == "bf16" else "float32")
     ratio = {k: ours[k] / llama[k] for k in ("prefill_tok_s", "decode_tok_s") if llama.get(k)}
-    print("phi3v / llama.cpp: prefill {:.2f}x, decode {:.2f}x".format(
-        ratio.get("prefill_tok_s", float("nan")), ratio.get("decode_tok_s", float("nan"))))
+    print(f"phi3v {ours['prefill_tok_s']:.1f} / {ours['decode_tok_s']:.2f}, llama.cpp {llama}, ratio {ratio}")
     print(json.dumps({"phi3v": ours, "llama.cpp": llama, "ratio": ratio}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a phi3v Phi-3 / Phi-3.5-mini text checkpoint folder")
+    ap.add_argument("--gguf-dir", default=None, help="where the GGUFs are cached (default: MODEL/gguf)")
+    ap.add_argument("--widths", default="bf16,int8,int4")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out-gguf", default=None, help="one-width mode: write the GGUF here (default MODEL/model-TYPE.gguf)")
+    ap.add_argument("--type", choices=["bf16", "f32"], default=None, help="one-width mode: the GGUF's float type")
+    ap.add_argument("--no-convert", action="store_true", help="one-width mode: use an existing --out-gguf")
+    args = ap.parse_args(argv)
+    if args.out_gguf or args.type or args.no_convert:
+        return single(args)
+    widths = [w for w in args.widths.split(",") if w]
+    if unknown := [w for w in widths if w not in WIDTHS]:
+        raise SystemExit(f"unknown width(s) {unknown}: use {', '.join(WIDTHS)}")
+    model_dir = Path(args.model)
+    tools = find_llama_tools()
+    if tools is None:
+        print(f"{SKIP_MESSAGE} (build it with: python benchmarks/build_llama_cpp.py)")
+        return 0
+    paths = ggufs(model_dir, Path(args.gguf_dir) if args.gguf_dir else model_dir / "gguf", widths,
+                  tools["llama-quantize"])
+    print(f"CPU: {cpu_summary()}")
+    print(f"{args.prompt_tokens} prompt tokens, {args.new_tokens} new tokens, {args.threads} threads, "
+          f"{args.reps} interleaved repetitions (llama.cpp then phi3v, per width)", flush=True)
+    bw = [read_bandwidth_gb_s(args.threads)]
+    runs = {(side, w): [] for w in widths for side in ("llama.cpp", "phi3v")}
+    for rep in range(args.reps):
+        for w in widths:
+            runs["llama.cpp", w].append(run_llama_bench(tools["llama-bench"], paths[w], args.prompt_tokens,
+                                                        args.new_tokens, args.threads))
+            runs["phi3v", w].append(run_phi3v_bench(model_dir, args.prompt_tokens, args.new_tokens, args.threads,
+                                                    WIDTHS[w][1]))
+            print(f"  rep {rep + 1} {w}: llama.cpp {runs['llama.cpp', w][-1]}, phi3v "
+                  f"{ {k: round(v, 2) for k, v in runs['phi3v', w][-1].items() if k.endswith('tok_s')} }", flush=True)
+    bw.append(read_bandwidth_gb_s(args.threads))
+    n_w = decode_weights(model_dir)
+    print(f"read bandwidth {bw[0]:.1f} GB/s before, {bw[1]:.1f} GB/s after; {n_w / 1e9:.2f} G weights read per token")
+    print(f"{'width':7}{'llama.cpp pp/tg tok/s':>24}{'phi3v pp/tg tok/s':>22}{'ratio pp/tg':>14}"
+          f"{'tg limit (ours/GGUF)':>22}")
+    summary = {}
+    for w in widths:
+        med = {side: {k: median([r[k] for r in runs[side, w] if k in r]) for k in ("prefill_tok_s", "decode_tok_s")}
+               for side in ("llama.cpp", "phi3v")}
+        ratio = {k: med["phi3v"][k] / med["llama.cpp"][k] for k in med["phi3v"]}
+        limit = [max(bw) * 1e9 / (n_w * b) for b in BYTES_PER_WEIGHT[w]]
+        summary[w] = {"median": med, "ratio": ratio, "decode_limit_tok_s": limit, "runs": {
+            side: runs[side, w] for side in ("llama.cpp", "phi3v")}}
+        lm, ph = med["llama.cpp"], med["phi3v"]
+        print(f"{w + '/' + WIDTHS[w][0]:7}{lm['prefill_tok_s']:>15.1f} /{lm['decode_tok_s']:>6.2f}"
+              f"{ph['prefill_tok_s']:>14.1f} /{ph['decode_tok_s']:>6.2f}"
+              f"{ratio['prefill_tok_s']:>8.2f} /{ratio['decode_tok_s']:>5.2f}{limit[0]:>13.1f} /{limit[1]:>6.1f}")
+    print(json.dumps({"cpu": cpu_summary(), "bandwidth_gb_s": bw, "widths": summary}))
     return 0
 
 
