@@ -145,8 +145,9 @@ class Service:
             while left:
                 get = asyncio.ensure_future(q.get())
                 await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not get.done():
+                if not get.done():  # the client left
                     get.cancel()
+                    await asyncio.gather(get, return_exceptions=True)  # its cancellation is collected, not leaked
                     return
                 item = get.result()
                 if isinstance(item, EngineFailure):
