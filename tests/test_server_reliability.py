@@ -476,3 +476,26 @@ def test_half_open_and_stalled_connections_time_out(text):
         with socket.create_connection((host, int(port)), timeout=30) as s:  # nothing at all
             assert _read_rest(s) == b""
         assert httpx.get(url + "/health").status_code == 200
+
+
+def test_serve_command_passes_the_new_limits(tiny_phi3, monkeypatch):
+    import argparse
+
+    import uvicorn
+
+    from phi3v.cli import serve as serve_command
+    from phi3v.serve.limits import H11Protocol
+
+    parser = argparse.ArgumentParser()
+    serve_command.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tiny_phi3), "--dtype", "float32", "--max-body-bytes", "1000",
+                              "--allow-control-tokens", "--body-timeout", "2", "--header-timeout", "3",
+                              "--keep-alive-timeout", "4"])
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    assert serve_command.run(args) == 0
+    s = served["app"].state.service.settings
+    assert (s.max_body_bytes, s.allow_control_tokens, s.body_timeout_s, s.header_timeout_s, s.keep_alive_s) == (
+        1000, True, 2.0, 3.0, 4.0)
+    assert served["timeout_keep_alive"] == 4.0 and issubclass(served["http"], H11Protocol)
+    assert served["app"].state.service.max_images == 0  # a text model takes none
