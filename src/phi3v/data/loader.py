@@ -2,12 +2,15 @@
 
 Epoch e visits the samples in the order of a permutation drawn from (seed, e) alone, so a resumed run sees
 exactly the batches the uninterrupted run would have seen, mid-epoch included. Ranks (torchrun) split each global
-batch of batch_size * world samples: this is the one place where data is sharded.
+batch of batch_size * world samples: this is the one place where data is sharded. A rank whose share of the last
+global batch of an epoch is empty gets a `StandIn`: a real batch to run (DDP and FSDP need every rank's forward and
+backward) whose loss the loop counts zero.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -19,6 +22,16 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int
         return list(range(n))
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+@dataclass
+class StandIn:
+    """What a rank gets for an empty share of a global batch: `batch` is run so the collectives match, counts zero."""
+
+    batch: object
+
+    def to(self, device) -> StandIn:
+        return StandIn(self.batch.to(device))
 
 
 class Loader:
@@ -46,7 +59,8 @@ class Loader:
         return self._order
 
     def next_indices(self) -> list[int]:
-        """Sample indices of this rank's next batch; moves the position on."""
+        """Sample indices of this rank's next batch (empty when the epoch's last chunk has fewer samples than
+        ranks); moves the position on."""
         if self.offset >= len(self.samples):
             self.epoch, self.offset, self._order = self.epoch + 1, 0, None
         step = self.batch_size * self.world
@@ -56,7 +70,11 @@ class Loader:
 
     def __iter__(self) -> Iterator:
         while True:
-            yield self.collate([self.samples[i] for i in self.next_indices()])
+            chunk = self.next_indices()
+            if chunk:
+                yield self.collate([self.samples[i] for i in chunk])
+            else:  # the same stand-in on every step, so it weighs nothing and moves no RNG
+                yield StandIn(self.collate([self.samples[self._epoch_order()[0]]]))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "num_samples": len(self.samples)}

@@ -90,6 +90,8 @@ class TrainConfig:
     device: str = opt("cpu", "cpu, cuda, cuda:1, ...")
     autocast: str = opt("auto", "bf16 autocast: auto (where the device has native bf16), bf16, off",
                         choices=["auto", "bf16", "off"])
+    distributed: str | None = opt(None, "under torchrun: ddp (replicas) or fsdp (FSDP2 shards per decoder layer and "
+                                  "the vision tower); default ddp", choices=["ddp", "fsdp"])
     activation_checkpointing: bool = opt(False, "recompute decoder layers in backward (less memory)",
                                          action="store_true")
     export_dtype: str | None = opt(None, "dtype of the exported model (default: the training dtype)")
@@ -135,6 +137,10 @@ class TrainConfig:
             raise InputError("--stages pick which parts train; with --lora-r only the adapters train: use one of them")
         if self.lora_r and not self.lora_targets:
             raise InputError("--lora-targets needs at least one module name, e.g. qkv_proj o_proj")
+        if self.distributed not in (None, "ddp", "fsdp"):
+            raise InputError(f"--distributed must be ddp or fsdp, got {self.distributed!r}")
+        if self.distributed == "fsdp" and self.qlora:
+            raise InputError("--qlora keeps integer weights that FSDP2 cannot shard: use --distributed ddp")
         return self
 
     def to_dict(self) -> dict:

@@ -14,24 +14,12 @@ from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 
-from phi3v.errors import InputError
+from phi3v.data.loader import StandIn
 
+from .distributed import all_reduce_sum, full_tensor, rank_and_world, sync_grads
 
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) from torch.distributed when a process group is initialised (torchrun), else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def wrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The one place where the model is wrapped for data parallelism (DDP / FSDP2 under torchrun: not yet)."""
-    _, world = rank_and_world()
-    if world > 1:
-        raise InputError(f"training on {world} processes (torchrun) is not supported yet: run a single process")
-    return model
+__all__ = ["autocast_dtype", "evaluate", "make_optimizer", "rank_and_world", "train", "warmup_cosine"]
 
 
 def autocast_dtype(device: torch.device, setting: str = "auto") -> torch.dtype | None:
@@ -80,6 +68,7 @@ def train(model: torch.nn.Module, loss_fn, batches: Iterable, optimizer: torch.o
     change what is trainable (pretraining stages); `on_step(step, record)` gets each step's metrics. Returns the
     last record."""
     device = torch.device(device)
+    _, world = rank_and_world()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     it = iter(batches)
     record: dict = {}
@@ -89,24 +78,33 @@ def train(model: torch.nn.Module, loss_fn, batches: Iterable, optimizer: torch.o
         model.train()
         t0 = time.perf_counter()
         units, tokens, sums = 0, 0, {}
-        for _ in range(grad_accum):
+        for micro in range(grad_accum):
             batch = next(it).to(device)
+            weight = 0 if isinstance(batch, StandIn) else 1  # a rank's empty share: run it, so collectives match
+            batch = getattr(batch, "batch", batch)
             ctx = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
-            with ctx:
-                out = loss_fn(model, batch)
-            out.total.backward()
-            units += out.units
-            tokens += int(batch.attention_mask.sum())
+            with sync_grads(model, micro == grad_accum - 1):
+                with ctx:
+                    out = loss_fn(model, batch)
+                (out.total if weight else out.total * 0).backward()
+            units += out.units * weight
+            tokens += int(batch.attention_mask.sum()) * weight
             for k, v in out.metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
-        # the mean over the units of the whole step (under DDP: all-reduce `units`, and undo DDP's 1/world)
-        scale = 1.0 / max(units, 1)
+                sums[k] = sums.get(k, 0.0) + v * weight
+        # the mean over the units of the whole global step: DDP/FSDP averaged the gradients over `world` ranks
+        units, tokens, *totals = all_reduce_sum([units, tokens, *sums.values()])
+        sums = dict(zip(sums, totals))
+        scale = world / max(units, 1)
         for p in params:
+            if p.grad is not None and not p.requires_grad:  # frozen by a stage after a wrapper computed it
+                p.grad = None
             if p.grad is not None:
                 p.grad.mul_(scale)
         grads = [p for p in params if p.grad is not None]
         if max_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_(grads, max_grad_norm)
+        elif world > 1:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
         else:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads]))
         lr = optimizer.param_groups[0]["lr"]
@@ -116,7 +114,7 @@ def train(model: torch.nn.Module, loss_fn, batches: Iterable, optimizer: torch.o
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
         record = {"step": step + 1, "split": "train", **{k: v / max(units, 1) for k, v in sums.items()},
-                  "lr": lr, "grad_norm": float(norm), "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+                  "lr": lr, "grad_norm": float(full_tensor(norm)), "tokens": int(tokens), "tokens_per_s": tokens / max(elapsed, 1e-9)}
         if on_step is not None:
             on_step(step + 1, record)
     return record

@@ -27,9 +27,10 @@ from phi3v.processing.tokenizer import Tokenizer
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .distributed import barrier, call_loss, init_distributed, materialize, rank_and_world, wrap
 from .dpo import collate_pairs, encode_pairs
 from .export import export_hf
-from .loop import autocast_dtype, evaluate, make_optimizer, rank_and_world, train, warmup_cosine, wrap_model
+from .loop import autocast_dtype, evaluate, make_optimizer, train, warmup_cosine
 from .losses import next_token_loss
 from .lora import lora_layers
 from .plot import plot_losses
@@ -93,7 +94,7 @@ def prepare(cfg: TrainConfig) -> Setup:
     model_dir = resolve_model_dir(cfg.model)
     raw = read_json(model_dir / "config.json", "config.json")
     mcfg = config_from_dict(raw)
-    device = torch.device(cfg.device)
+    device = init_distributed(cfg.device)  # under torchrun: joins the process group, cuda -> cuda:LOCAL_RANK
     model = load_causal_lm(model_dir, mcfg, parse_dtype(cfg.dtype), device, raw=raw)
     attach_adapters(model, cfg)  # --lora-r / --qlora: only adapters train
     tokenizer = Tokenizer.from_dir(model_dir)
@@ -159,11 +160,13 @@ class RunResult:
 
 def fit(setup: Setup, progress: Callable[[dict], None] | None = None) -> RunResult:
     """Train, checkpoint, evaluate and export as setup.cfg says; `progress(record)` sees every train/eval record
-    (with "total_steps"). Resumes from the latest complete checkpoint in cfg.out when cfg.resume."""
+    (with "total_steps"). Resumes from the latest complete checkpoint in cfg.out when cfg.resume. Under torchrun
+    every rank calls it: rank 0 writes the metrics, checkpoints and the export, and alone calls `progress`."""
     cfg, model = setup.cfg, setup.model
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = rank_and_world()
+    lead = rank == 0
     seed_everything(cfg.seed)
     loader = Loader(setup.samples, cfg.batch, setup.collate, seed=cfg.seed, rank=rank, world=world)
     steps = cfg.steps or max(1, math.ceil((cfg.epochs or 1) * loader.batches_per_epoch / cfg.grad_accum))
@@ -171,55 +174,70 @@ def fit(setup: Setup, progress: Callable[[dict], None] | None = None) -> RunResu
     if not adapters:
         for p in model.parameters():
             p.requires_grad_(True)
-    optimizer = make_optimizer(param_groups(model, cfg), cfg.lr, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, steps, cfg.min_lr_ratio))
-    loss_fn = LOSSES[cfg.task](setup)
+    loss_fn = LOSSES[cfg.task](setup)  # before a resumed checkpoint is loaded (DPO: the model is the reference)
     metrics = out / METRICS
-    start, resumed = 0, latest_checkpoint(out) if cfg.resume else None
+    resumed = latest_checkpoint(out) if cfg.resume else None
+    if resumed is None and latest_checkpoint(out) is not None:  # a fresh run would mix its checkpoints with another's
+        raise InputError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or another --out")
+    wrapped, step_loss = model, loss_fn
+    if world > 1:  # DDP / FSDP2 around the model and its loss; FSDP2 swaps in sharded parameters
+        vision = getattr(model.model, "vision_embed_tokens", None) is not None
+        wrapped = wrap(model, loss_fn, cfg.distributed or "ddp", setup.device, find_unused=vision or bool(cfg.stages))
+        step_loss = call_loss
+    optimizer = make_optimizer(param_groups(model, cfg), cfg.lr, cfg.weight_decay)  # after FSDP2's swap
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, steps, cfg.min_lr_ratio))
+    start = 0
     if resumed is not None:
         state = load_checkpoint(resumed, model=model, optimizer=optimizer, scheduler=scheduler, rank=rank)
         loader.load_state_dict(state["loader"])
         start = state["step"]
-        _keep_until(metrics, start)
-    elif latest_checkpoint(out) is not None:  # a fresh run would mix its checkpoints with another run's
-        raise InputError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or another --out")
-    else:
+        if lead:
+            _keep_until(metrics, start)
+    elif lead:
         metrics.write_text("")
-    (out / "train_config.json").write_text(json.dumps(setup.cfg.to_dict(), indent=2))
-    wrapped = wrap_model(model)
+    if lead:
+        (out / "train_config.json").write_text(json.dumps(setup.cfg.to_dict(), indent=2))
     amp = autocast_dtype(setup.device, cfg.autocast)
+
+    def report(record: dict) -> None:
+        if progress is not None and lead:
+            progress({**record, "total_steps": steps})
 
     def run_eval(step: int) -> None:
         if not setup.eval_samples:
             return
-        batches = (setup.collate(setup.eval_samples[i:i + cfg.batch])
+        batches = (setup.collate(setup.eval_samples[i:i + cfg.batch])  # every rank: all of them (FSDP2 needs it)
                    for i in range(0, len(setup.eval_samples), cfg.batch))
-        record = {"step": step, "split": "eval", **evaluate(wrapped, loss_fn, batches, setup.device, amp)}
-        _append(metrics, record)
-        if progress is not None:
-            progress({**record, "total_steps": steps})
+        record = {"step": step, "split": "eval", **evaluate(wrapped, step_loss, batches, setup.device, amp)}
+        if lead:
+            _append(metrics, record)
+        report(record)
 
     def on_step(step: int, record: dict) -> None:
-        if step % cfg.log_every == 0 or step == steps:
+        if lead and (step % cfg.log_every == 0 or step == steps):
             _append(metrics, record)
-        if progress is not None:
-            progress({**record, "total_steps": steps})
+        report(record)
         if cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
             run_eval(step)
         if cfg.save_every and step % cfg.save_every == 0:
             save_checkpoint(out, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                            loader_state=loader.state_dict(), rank=rank, keep=cfg.keep_checkpoints,
+                            loader_state=loader.state_dict(), keep=cfg.keep_checkpoints,
                             extra={"task": cfg.task}, trainable_only=adapters)
 
-    last = train(wrapped, loss_fn, loader, optimizer, scheduler, steps=steps, start_step=start,
+    last = train(wrapped, step_loss, loader, optimizer, scheduler, steps=steps, start_step=start,
                  grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm or None, device=setup.device,
                  autocast=amp, before_step=stage_switch(model, cfg), on_step=on_step)
     run_eval(steps)
-    export_dtype = parse_dtype(cfg.export_dtype) if cfg.export_dtype else None
-    num_crops = setup.encoder.num_crops if setup.encoder.vision else None
-    final = finish_adapters(model, out, setup.model_dir)  # OUT/adapter; merged for the export (None: QLoRA)
-    if final is not None:
-        export_hf(final, setup.raw, setup.model_dir, out, num_crops=num_crops, dtype=export_dtype)
-    history = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
-    plot_losses(history, out / LOSS_PNG)
+    history: list[dict] = []
+    if world > 1:
+        materialize(model)  # FSDP2 shards -> full weights on every rank (a collective)
+    if lead:
+        export_dtype = parse_dtype(cfg.export_dtype) if cfg.export_dtype else None
+        num_crops = setup.encoder.num_crops if setup.encoder.vision else None
+        final = finish_adapters(model, out, setup.model_dir)  # OUT/adapter; merged for the export (None: QLoRA)
+        if final is not None:
+            export_hf(final, setup.raw, setup.model_dir, out, num_crops=num_crops, dtype=export_dtype)
+        history = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+        plot_losses(history, out / LOSS_PNG)
+    barrier()  # the export is complete when any rank returns
     return RunResult(out, steps, last, resumed, history)

@@ -1,0 +1,110 @@
+"""torchrun --nproc_per_node 2 (gloo, CPU): DDP and FSDP2 give one process's loss curve with the same global batch,
+export the same Hugging Face checkpoint, and an FSDP2 run resumed from its checkpoint ends bit-identical.
+
+5 samples, a global batch of 4 (2 per rank): each epoch ends with a batch of 1, so rank 1's share is empty there
+(it runs a stand-in that counts zero) and the units per step differ between ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import phi3v
+from phi3v.checkpoint.load import load_causal_lm
+from phi3v.checkpoint.random import create_random
+from phi3v.checkpoint.safetensors import read_state_dict
+from phi3v.models import load_config
+from phi3v.train.config import TrainConfig
+from phi3v.train.run import fit, prepare
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TEXT_LIKE = SHARED / "reference" / "Phi-3.5-mini-instruct"
+QA = [("Capital of France?", "Paris."), ("Sky color?", "Blue."), ("Cat legs?", "Four legs, as dogs have."),
+      ("2+2?", "4."), ("Say hi.", "Hi!")]
+STEPS = 6
+COMMON = ["--steps", str(STEPS), "--lr", "5e-3", "--warmup", "2", "--seed", "3"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ddp")
+    model = create_random(TEXT_LIKE, d / "model", seed=0, layers=2, hidden=64, heads=4, intermediate=96,
+                          dtype="float32")
+    data = d / "train.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                     {"role": "assistant", "content": a}]}) + "\n" for q, a in QA))
+    single = d / "single"  # one process, batch 4 = the global batch of 2 ranks x 2
+    fit(prepare(TrainConfig(model=str(model), data=str(data), out=str(single), batch=4, steps=STEPS, lr=5e-3,
+                            warmup=2, seed=3)))
+    return d, model, data, single
+
+
+def torchrun(model, data, out, *extra, timeout=150):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "phi3v.train", "sft", "--model", str(model), "--data", str(data), "--out", str(out),
+           "--batch", "2", *COMMON, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def train_losses(out: Path) -> list[tuple[int, float]]:
+    rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return [(r["step"], r["loss"]) for r in rows if r["split"] == "train"]
+
+
+def assert_same_run(out: Path, single: Path, rel: float, atol: float) -> None:
+    a, b = train_losses(out), train_losses(single)
+    assert [s for s, _ in a] == list(range(1, STEPS + 1)) == [s for s, _ in b]
+    for (_, x), (_, y) in zip(a, b):
+        assert x == pytest.approx(y, rel=rel)
+    wa, wb = read_state_dict(out), read_state_dict(single)
+    assert wa.keys() == wb.keys() and all(wa[k].dtype == torch.float32 for k in wa)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0)
+    assert (out / "config.json").read_text() == (single / "config.json").read_text()
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".json" and p.name != "train_config.json") == \
+        sorted(p.name for p in single.iterdir() if p.suffix == ".json" and p.name != "train_config.json")
+    model = phi3v.load(out, dtype="float32")
+    assert model.generate(QA[0][0], max_new_tokens=4, temperature=0).text is not None
+
+
+def test_ddp_equals_one_process_with_the_same_global_batch(setup):
+    d, model, data, single = setup
+    out = d / "ddp"
+    torchrun(model, data, out, "--distributed", "ddp")
+    assert_same_run(out, single, rel=1e-5, atol=1e-5)
+
+
+def test_fsdp_equals_one_process_and_resumes_bit_identical(setup):
+    d, model, data, single = setup
+    out = d / "fsdp"
+    torchrun(model, data, out, "--distributed", "fsdp", "--save-every", "3")
+    assert_same_run(out, single, rel=1e-5, atol=1e-5)
+    ckpt = out / "checkpoints" / "step-00000003"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["meta.json", "model.safetensors", "optimizer.pt", "rng-0.pt",
+                                                      "rng-1.pt", "state.pt"]
+    moments = torch.load(ckpt / "optimizer.pt", weights_only=False)["state"]
+    plain = load_causal_lm(model, load_config(model), torch.float32)  # gathered, not sharded: full shapes
+    assert sorted(tuple(m["exp_avg"].shape) for m in moments.values()) == \
+        sorted(tuple(p.shape) for p in plain.parameters())
+    # a run stopped after the checkpoint of step 3, resumed on 2 ranks, ends where the uninterrupted one did
+    resumed = d / "fsdp-resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, resumed / "checkpoints" / ckpt.name)
+    proc = torchrun(model, data, resumed, "--distributed", "fsdp", "--save-every", "3", "--resume")
+    assert f"resumed from {resumed / 'checkpoints' / ckpt.name}" in proc.stderr
+    a, b = read_state_dict(out), read_state_dict(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert train_losses(resumed) == train_losses(out)[3:]
