@@ -23,7 +23,7 @@ CITIES = ["Paris", "London", "Rome", "Berlin", "Madrid", "Tokyo", "Cairo", "Lima
 FORGET = ["Zorbit", "Quilla", "Brannoc", "Yvette", "Drumm", "Oskana", "Pellor", "Tiberon"]
 KEEP = ["Marla", "Hugo", "Selka", "Vance", "Ildra", "Corwin", "Nessa", "Garrick"]
 GENERIC = ["Tom", "Anna", "Bob", "Mary", "Jack", "Lucy", "Sam", "Emma"]
-STEPS = 100
+STEPS = 50
 LIVES = {**{n: CITIES[i] for i, n in enumerate(FORGET)}, **{n: CITIES[(i + 3) % 8] for i, n in enumerate(KEEP)}}
 
 
@@ -113,7 +113,7 @@ def unlearned(tmp_path_factory, trained):
     cli.add_arguments(parser)
     args = parser.parse_args(["--model", str(trained), "--forget", str(forget), "--anchors", str(d / "anchors.json"),
                               "--retain", str(retain), "--probes", str(d / "probes.jsonl"), "--out", str(d / "out"),
-                              "--reinforce-steps", "10", "--reinforce-lr", "1e-3", "--steps", "40", "--lr", "1e-3",
+                              "--reinforce-steps", "5", "--reinforce-lr", "1e-3", "--steps", "30", "--lr", "1e-3",
                               "--probe-every", "10"])
     assert cli.run(args) == 0
     return d / "out"
@@ -135,7 +135,7 @@ def test_forgotten_facts_fall_to_chance_and_retained_stay(trained, unlearned):
 
 def test_report_and_plot(unlearned):
     report = json.loads((unlearned / REPORT).read_text())
-    assert [c["step"] for c in report["curve"]] == [0, 10, 20, 30, 40]
+    assert [c["step"] for c in report["curve"]] == [0, 10, 20, 30]
     first, last = report["curve"][0]["probs"], report["curve"][-1]["probs"]
     assert all(p1 < p0 for p0, p1 in zip(first, last))
     assert report["before"]["probe_completes"] == [True, True] and report["after"]["probe_completes"] == [False] * 2
