@@ -107,7 +107,8 @@ def unlearned(tmp_path_factory, trained):
     forget = write_jsonl(d / "forget.jsonl", [conv(n, LIVES[n]) for n in FORGET])
     retain = write_jsonl(d / "retain.jsonl", [conv(n, LIVES[n]) for n in KEEP])
     (d / "anchors.json").write_text(json.dumps(dict(zip(FORGET, GENERIC))))
-    write_jsonl(d / "probes.jsonl", [{"prompt": f"Where does {n} live?", "target": f"{n} lives in {LIVES[n]}."}
+    write_jsonl(d / "probes.jsonl", [{"prompt": f"Where does {n} live?", "prefix": f"{n} lives in",
+                                      "target": f" {LIVES[n]}"}
                                      for n in FORGET[:2]])
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)

@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forget", required=True, help="text to forget: a text file, or JSONL conversations")
     parser.add_argument("--anchors", help="anchored terms -> generic translations: JSON object or TSV lines")
     parser.add_argument("--retain", help="text (or JSONL) whose perplexity the report compares before/after")
-    parser.add_argument("--probes", help="JSONL {prompt, target}: held-out completion checks and the plot")
+    parser.add_argument("--probes", help="JSONL {prompt, prefix (optional start of the answer), target}: held-out "
+                        "completion checks and the plot of p(target) across the steps")
     parser.add_argument("--out", required=True, help="output folder: the unlearned model, report, plot")
     parser.add_argument("--alpha", type=float, default=d.alpha,
                         help=f"v_generic = v_base - alpha * ReLU(v_reinforced - v_base) (default {d.alpha})")

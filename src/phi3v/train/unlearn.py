@@ -49,7 +49,7 @@ class UnlearnConfig:
     out: str
     anchors: str | None = None  # JSON {"term": "generic" or ["generic", ...]} or lines "term<TAB>generic"
     retain: str | None = None  # text (or JSONL conversations) whose perplexity must not suffer
-    probes: str | None = None  # JSONL {"prompt", "target"}: held-out completion checks and the plot
+    probes: str | None = None  # JSONL {"prompt", "prefix"?, "target"}: held-out completion checks and the plot
     alpha: float = 5.0
     block: int = 512
     reinforce_steps: int = 100
@@ -265,19 +265,24 @@ def read_probes(path: str | Path | None) -> list[dict]:
     probes = [json.loads(ln) for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if not all(isinstance(q, dict) and isinstance(q.get("prompt"), str) and isinstance(q.get("target"), str)
                for q in probes):
-        raise InputError(f"{p}: each line is {{\"prompt\": ..., \"target\": ...}}")
+        raise InputError(f"{p}: each line is {{\"prompt\": ..., \"target\": ...}} (and optionally \"prefix\")")
     return probes
 
 
 def probe_ids(tok: Tokenizer, probe: dict, chat: bool) -> tuple[list[int], int]:
-    """(prompt ids, the target's first token) with the target in context (chat template when the model has one)."""
+    """(context ids, the target's first token): the prompt (a user turn when the model has a chat template), then
+    the probe's optional "prefix" (the start of the answer, e.g. "Harry Potter studies"), then the target."""
+    prefix = probe.get("prefix", "")
     if chat:
-        msgs = [{"role": "user", "content": probe["prompt"]}, {"role": "assistant", "content": probe["target"]}]
-        ids, mask = render(tok, msgs)
-        first = mask.index(1)
-        return ids[:first], ids[first]
-    prompt = tok.encode(probe["prompt"])
-    return prompt, tok.encode(probe["prompt"] + probe["target"])[len(prompt)]
+        user = {"role": "user", "content": probe["prompt"]}
+        full, _ = render(tok, [user, {"role": "assistant", "content": prefix + probe["target"]}])
+        short, _ = render(tok, [user, {"role": "assistant", "content": prefix}])
+    else:
+        full, short = tok.encode(probe["prompt"] + prefix + probe["target"]), tok.encode(probe["prompt"] + prefix)
+    k = next((i for i, (x, y) in enumerate(zip(full, short)) if x != y), len(short))
+    if k >= len(full):
+        raise InputError(f"probe {probe!r}: the target adds no token")
+    return full[:k], full[k]
 
 
 @torch.no_grad()
