@@ -31,27 +31,7 @@ def batches(task: Task, items: list[Item], batch: int, max_new_tokens: int | Non
 
 
 def _generate(model, convs: list[list[dict]], budget: int) -> list[str]:
-    try:
-        return [c.text for c in model.generate_batch(convs, max_new_tokens=budget, temperature=0)]
-    except RuntimeError:
-        # Engine._decode tells requests apart with ==, which raises on two rows with equal token ids (same text,
-        # same image token count) but different image embeddings: run such rows in separate batches
-        groups: list[tuple[list[int], set]] = []
-        for k, conv in enumerate(convs):
-            ids = tuple(model.render(conv))
-            g = next((g for g in groups if ids not in g[1]), None)
-            if g is None:
-                g = ([], set())
-                groups.append(g)
-            g[0].append(k)
-            g[1].add(ids)
-        if len(groups) == 1:
-            raise  # not that failure
-        out = [""] * len(convs)
-        for ks, _ in groups:
-            for k, text in zip(ks, _generate(model, [convs[k] for k in ks], budget)):
-                out[k] = text
-        return out
+    return [c.text for c in model.generate_batch(convs, max_new_tokens=budget, temperature=0)]
 
 
 def predict(model, task: Task, items: list[Item], batch: int = 8, max_new_tokens: int | None = None,
