@@ -11,6 +11,7 @@ import torch
 from phi3v.checkpoint.files import copy_tokenizer_files
 from phi3v.checkpoint.random import RANDOM_MARKER
 from phi3v.checkpoint.safetensors import save_safetensors
+from phi3v.models.config import read_json
 from phi3v.models.phimoe import PhiMoEForCausalLM
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
@@ -48,7 +49,7 @@ def export_hf(model: torch.nn.Module, raw_config: dict, src_dir: str | Path, out
     copy_tokenizer_files(src_dir, out)
     pre = out / PREPROCESSOR_CONFIG
     if num_crops is not None:  # Phi-3-vision: the processor must cut images as in training
-        d = json.loads(pre.read_text()) if pre.is_file() else {}
+        d = read_json(pre, PREPROCESSOR_CONFIG) if pre.is_file() else {}
         d["num_crops"] = num_crops
         pre.write_text(json.dumps(d, indent=2))
     return out

@@ -20,6 +20,7 @@ from torch import nn
 
 from phi3v.checkpoint.safetensors import SafetensorsFile, save_file
 from phi3v.errors import CheckpointError, InputError
+from phi3v.models.config import read_json
 from phi3v.models.phi3_v import Phi3ImageEmbedding
 from phi3v.quant.layers import WeightOnlyInt4Linear, WeightOnlyInt8Linear, dequantize_int4
 
@@ -274,10 +275,7 @@ def read_adapter(adapter_dir) -> tuple[dict, dict[str, torch.Tensor]]:
     if not cfg_path.is_file() or not weights.is_file():
         raise CheckpointError(f"{d} is not an adapter folder: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} "
                               "(write one with `phi3v train sft --lora-r ...` or peft's save_pretrained)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
+    cfg = read_json(cfg_path, ADAPTER_CONFIG)
     unsupported = {"peft_type": (cfg.get("peft_type"), "LORA"), "use_dora": (cfg.get("use_dora") or False, False),
                    "use_rslora": (cfg.get("use_rslora") or False, False), "bias": (cfg.get("bias", "none"), "none"),
                    "fan_in_fan_out": (cfg.get("fan_in_fan_out") or False, False)}
