@@ -13,8 +13,8 @@ from phi3v.checkpoint.random import RANDOM_MARKER
 from phi3v.checkpoint.safetensors import save_safetensors
 from phi3v.models.config import read_json
 from phi3v.models.phimoe import PhiMoEForCausalLM
+from phi3v.processing.image import PREPROCESSOR_CONFIG
 
-PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 
 def hf_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
