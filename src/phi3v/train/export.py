@@ -16,7 +16,6 @@ from phi3v.models.phimoe import PhiMoEForCausalLM
 from phi3v.processing.image import PREPROCESSOR_CONFIG
 
 
-
 def hf_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model's weights under the checkpoint's names: PhiMoE's stacked experts split back into one tensor each."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
