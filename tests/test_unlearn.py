@@ -158,3 +158,22 @@ def test_alignment_maps_prefixes_across_a_replacement():
     orig = [1, 2, 10, 11, 12, 3, 4]  # 10 11 12: the anchored term
     trans = [1, 2, 20, 3, 4]  # 20: its translation
     assert align(orig, trans) == [0, 1, None, None, 2, 3, 4]
+
+
+def test_text_blocks_are_packed_translated_and_aligned(small, tmp_path):
+    """A plain-text forget file: lines packed into blocks of at most `block` tokens, each translated consistently;
+    every token outside an anchored term is aligned to its translation."""
+    from phi3v.train.unlearn import make_blocks, read_units
+
+    tok = Tokenizer.from_dir(small)
+    path = tmp_path / "forget.txt"
+    path.write_text("".join(f"Where does {n} live? {n} lives in {LIVES[n]}.\n" for n in FORGET))
+    blocks = make_blocks(tok, read_units(path), Translator({"Zorbit": ["Tom"], "Quilla": ["Anna"]}), block=40)
+    assert len(blocks) > 1 and all(len(b.ids) <= 40 for b in blocks)
+    assert tok.decode(blocks[0].translated).startswith("Where does Tom live? Tom lives in Paris.\nWhere does Anna")
+    for b in blocks:
+        for t, j in enumerate(b.align):
+            if j is not None and t + 1 < len(b.ids) and b.align[t + 1] == j + 1:
+                assert b.ids[t + 1] == b.translated[j + 1]  # aligned prefixes predict the same next token
+    # the replaced terms: their last token maps to the translation's last token (the prefix before what follows)
+    assert any(j is not None and b.ids[t] != b.translated[j] for b in blocks for t, j in enumerate(b.align))

@@ -29,7 +29,7 @@ from phi3v.checkpoint.load import load_causal_lm, parse_dtype
 from phi3v.data.collate import IGNORE, Batch
 from phi3v.data.loader import Loader
 from phi3v.data.records import BadRecords, read_records
-from phi3v.errors import InputError
+from phi3v.errors import InputError, Phi3VError
 from phi3v.models import config_from_dict
 from phi3v.models.config import read_json
 from phi3v.processing.render import render
@@ -285,6 +285,14 @@ def probe_ids(tok: Tokenizer, probe: dict, chat: bool) -> tuple[list[int], int]:
     return full[:k], full[k]
 
 
+def has_chat_template(tok: Tokenizer) -> bool:
+    try:
+        tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+        return True
+    except Phi3VError:  # e.g. Phi-2: probes are plain text
+        return False
+
+
 @torch.no_grad()
 def probe_probs(model, probes: list[tuple[list[int], int]]) -> list[float]:
     return [float(torch.softmax(_logits(model, ids)[-1], -1)[target]) for ids, target in probes]
@@ -320,7 +328,7 @@ def unlearn(cfg: UnlearnConfig, progress: Callable[[str, dict], None] | None = N
     blocks = make_blocks(tok, read_units(cfg.forget), translator, cfg.block)
     retain = [(ids, [i if m else IGNORE for i, m in zip(ids, mask)])
               for u in (read_units(cfg.retain) if cfg.retain else []) for ids, mask, _ in encode_unit(tok, u, cfg.block)]
-    chat = tok._chat_template is not None
+    chat = has_chat_template(tok)
     probes = [probe_ids(tok, p, chat) for p in read_probes(cfg.probes)]
 
     def say(phase):
