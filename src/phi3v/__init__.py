@@ -6,11 +6,12 @@ __version__ = "0.1.0"
 __all__ = ["load", "example_image", "Phi3VError", "CheckpointError", "InputError", "ContextLengthError", "__version__"]
 
 
-def load(name_or_path, dtype="auto", device="cpu"):
-    """Load a checkpoint folder (or a repo id in the local Hugging Face cache); see phi3v.api.Phi3Model."""
+def load(name_or_path=None, dtype="auto", device="cpu", quantize=None):
+    """Load a checkpoint folder (or a Hugging Face repo id); with no argument, the bundled phi3v-nano model.
+    See phi3v.api.Phi3Model for generate / stream / chat."""
     from .api import load as _load
 
-    return _load(name_or_path, dtype=dtype, device=device)
+    return _load(name_or_path, dtype=dtype, device=device, quantize=quantize)
 
 
 def example_image():

@@ -13,6 +13,7 @@ from .checkpoint.hub import resolve_model_dir
 from .checkpoint.load import load_causal_lm, parse_dtype
 from .checkpoint.random import RANDOM_MARKER
 from .errors import InputError
+from .examples import nano_dir
 from .hardware import auto_dtype
 from .inference.engine import Engine
 from .inference.generate import generate_steps
@@ -274,7 +275,7 @@ def _plain(m):
     return {k: v for k, v in m.items() if k != "images"} if isinstance(m, dict) else m
 
 
-def load(name_or_path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu",
+def load(name_or_path: str | Path | None = None, dtype: str | torch.dtype = "auto", device: str = "cpu",
          quantize: str | None = None) -> Phi3Model:
-    """Load a checkpoint folder (or a repo id already in the local Hugging Face cache); quantize: int8 | int4."""
-    return Phi3Model.load(name_or_path, dtype, device, quantize)
+    """Load a checkpoint folder (or a Hugging Face repo id); None: the bundled phi3v-nano. quantize: int8 | int4."""
+    return Phi3Model.load(nano_dir() if name_or_path is None else name_or_path, dtype, device, quantize)

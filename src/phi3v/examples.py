@@ -1,4 +1,4 @@
-"""A bundled example image: a small synthetic "textbook" bar chart, so that image prompts work with no download.
+"""What ships inside the package: the phi3v-nano model and example images, so the first command needs no download.
 
 `python -m phi3v.examples` redraws `assets/example_chart.png` with `draw_example_chart()`.
 """
@@ -10,9 +10,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import Phi3VError
+from .errors import CheckpointError, Phi3VError
 
-EXAMPLE_CHART = Path(__file__).resolve().parent / "assets" / "example_chart.png"
+ASSETS = Path(__file__).resolve().parent / "assets"
+NANO_DIR = ASSETS / "phi3v-nano"  # the bundled model (`phi3v recipe nano`), the default of every command
+EXAMPLE_MENU = ASSETS / "menu.png"  # a held-out menu drawn by `phi3v synth`, with menu.json: its question and answer
+EXAMPLE_CHART = ASSETS / "example_chart.png"
 CHART_SIZE = (640, 420)  # (width, height): 2 x 2 HD crops (757 image tokens) with num_crops 4
 TITLE = "Rainfall in Greenfield, January to June"
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun")
@@ -53,6 +56,22 @@ def draw_example_chart() -> Image.Image:
     ImageDraw.Draw(axis).text(((bottom - top) // 2, 12), "Rainfall (mm)", fill="black", font=label, anchor="mm")
     img.paste(axis.rotate(90, expand=True), (10, top))
     return img
+
+
+def nano_dir() -> Path:
+    """The bundled phi3v-nano checkpoint folder (the default model)."""
+    if not (NANO_DIR / "config.json").is_file():
+        raise CheckpointError(f"the bundled phi3v-nano model is missing ({NANO_DIR} has no config.json): reinstall "
+                              "phi3v, or pass a checkpoint folder with --model")
+    return NANO_DIR
+
+
+def example_menu() -> tuple[Path, str, str]:
+    """(image, question, answer) of the bundled example menu."""
+    import json
+
+    qa = json.loads((ASSETS / "menu.json").read_text())
+    return EXAMPLE_MENU, qa["question"], qa["answer"]
 
 
 def example_image(path: str | Path | None = None) -> Path:

@@ -14,7 +14,8 @@ RANDOM_NOTE = "note: {path} has RANDOM weights (made by `phi3v create-random`): 
 
 def add_model_args(p: argparse.ArgumentParser, quantize: bool = True, dtype: str = "auto") -> None:
     """--model, --dtype, --device and (where a command can quantize at load time) --quantize."""
-    p.add_argument("--model", required=True, help="checkpoint folder or a repo id in the local HF cache")
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder or a Hugging Face repo id (default: the bundled phi3v-nano)")
     p.add_argument("--dtype", default=dtype, help="float32, bfloat16, float16 or auto (bfloat16 where it is fast)")
     p.add_argument("--device", default="cpu")
     if quantize:

@@ -7,20 +7,15 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
-from .common import load_model
+from .common import add_model_args, load_model
 
 HELP = "evaluate a model on a benchmark (chartqa, docvqa, textvqa, scienceqa, ai2d, mmmu, mmbench, pope, synth)"
 
 
 def add_arguments(p) -> None:
     from ..eval.tasks import TASKS
-    from ..quant import SCHEMES
 
-    # common.add_model_args, but --model is optional: --predictions re-scores without one
-    p.add_argument("--model", default=None, help="checkpoint folder or a repo id in the local HF cache")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bfloat16 where it is fast)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quantize", choices=SCHEMES, default=None, help="weight-only quantization at load time")
+    add_model_args(p)  # not used with --predictions, which re-scores without a model
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--data", default=None, help="the dataset: a file or folder in the layout it is published in")
     p.add_argument("--split", default=None, help="dataset split (default: the task's usual evaluation split)")
@@ -47,8 +42,8 @@ def run(args) -> int:
     if args.predictions:
         rep = runner.rescore(task, runner.load_predictions(args.predictions), items)
     else:
-        if args.model is None or items is None:
-            raise InputError("give --model and --data (or --predictions FILE to re-score saved predictions)")
+        if items is None:
+            raise InputError("give --data (or --predictions FILE to re-score saved predictions)")
         model = load_model(args)
         with _Bar(len(items), task.name) as bar:
             rep = runner.evaluate(model, task, items, args.batch, args.max_new_tokens, progress=bar.update)
