@@ -151,3 +151,15 @@ def test_quantized_generation(tiny_mixtral, scheme):
     assert sum(isinstance(m, Int8Experts) for m in model.model.modules()) == 2
     got = model.generate("Tell me a story.", max_new_tokens=8).token_ids
     assert len(got) == 8 and (scheme == "int4" or got[:4] == want[:4])
+
+
+def test_export_is_the_published_layout(pair, ids, tiny_mixtral, tmp_path):
+    """What `phi3v train` / `phi3v unlearn` export (experts unstacked again) loads in transformers unchanged."""
+    from phi3v.train.export import export_hf
+
+    ours, _ = pair
+    out = export_hf(ours, json.loads((tiny_mixtral / "config.json").read_text()), tiny_mixtral, tmp_path / "export")
+    assert "model.layers.0.block_sparse_moe.experts.0.w1.weight" in read_state_dict(out)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids[:1, :30]), ref(ids[:1, :30]).logits, atol=ATOL, rtol=RTOL)

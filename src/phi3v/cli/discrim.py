@@ -30,16 +30,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from ..eval import discrim as D
 
-    if not 0 < args.level < 1:
-        raise InputError(f"--level must lie between 0 and 1, not {args.level}")
+    # run() also serves `phi3v eval --task discrim`, whose parser may lack this command's own flags
+    interventions, level = getattr(args, "interventions", None) or ["none"], getattr(args, "level", 0.95)
+    if not 0 < level < 1:
+        raise InputError(f"--level must lie between 0 and 1, not {level}")
     items = D.load_discrim(args.data)
     if args.limit is not None:
         if args.limit < 1:
             raise InputError(f"--limit must be at least 1, not {args.limit}")
         items = items[:args.limit]
     model = load_model(args)
-    rows = D.score(model, items, list(args.interventions), args.batch)
-    rep = D.report(rows, args.level)
+    rows = D.score(model, items, list(interventions), args.batch)
+    rep = D.report(rows, level)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
