@@ -112,3 +112,25 @@ def test_command_reports_every_value_and_intervention(model, data, tmp_path, tin
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert all(name in printed for name in want) and "illegal/explicit" in printed
+
+
+def test_models_without_a_chat_template_get_the_human_assistant_frame(tmp_path):
+    """Phi-2 has no chat template: the decision prompt is the paper's plain Human/Assistant text."""
+    from tokenizers import Tokenizer as HF, decoders, models, pre_tokenizers, trainers
+
+    from phi3v.processing.tokenizer import Tokenizer
+
+    hf = HF(models.BPE())
+    hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    hf.train_from_iterator([D.ANSWER_PREFIX + "yes", D.ANSWER_PREFIX + "no"] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    tok = Tokenizer.from_dir(tmp_path)
+    item = D.DiscrimItem("Should the loan be approved?", 0, 60.0, "male", "white", "explicit")
+    assert not D._has_template(tok)
+    text = tok.decode(D.prompt_ids(tok, item, "ignore", chat=False))
+    assert text == ("Human: Should the loan be approved?" + D.INTERVENTIONS["ignore"] + D.QUESTION_SUFFIX
+                    + "\n\nAssistant: " + D.ANSWER_PREFIX)
+    yes, no = D.answer_ids(tok)
+    assert tok.decode([yes]).startswith("y") and tok.decode([no]).startswith("n")

@@ -177,3 +177,32 @@ def test_text_blocks_are_packed_translated_and_aligned(small, tmp_path):
                 assert b.ids[t + 1] == b.translated[j + 1]  # aligned prefixes predict the same next token
     # the replaced terms: their last token maps to the translation's last token (the prefix before what follows)
     assert any(j is not None and b.ids[t] != b.translated[j] for b in blocks for t, j in enumerate(b.align))
+
+
+def test_unlearn_runs_on_phi2_with_plain_text(small, tmp_path):
+    """Every family: a tiny Phi-2 (no chat template) unlearns a plain-text file; the export loads and is changed."""
+    import shutil
+
+    from phi3v.checkpoint.random import create_random
+    from phi3v.train.unlearn import UnlearnConfig, unlearn
+
+    like = tmp_path / "phi2_like"
+    like.mkdir()
+    shutil.copyfile(small / "tokenizer.json", like / "tokenizer.json")
+    (like / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    (like / "config.json").write_text(json.dumps({"architectures": ["PhiForCausalLM"], "model_type": "phi",
+                                                  "vocab_size": 512, "partial_rotary_factor": 0.4}))
+    base = create_random(like, tmp_path / "phi2", seed=2, std=0.15, layers=1, hidden=80, heads=2, intermediate=96,
+                         dtype="float32")
+    forget = tmp_path / "forget.txt"
+    forget.write_text("".join(f"{n} lives in {LIVES[n]}.\n" for n in FORGET))
+    probes = write_jsonl(tmp_path / "probes.jsonl", [{"prompt": "Zorbit lives in", "target": " Paris"}])
+    res = unlearn(UnlearnConfig(model=str(base), forget=str(forget), out=str(tmp_path / "out"), probes=str(probes),
+                                anchors=None, reinforce_steps=2, steps=2, lr=1e-2, reinforce_lr=1e-2, block=32,
+                                probe_every=1))
+    assert res.report["blocks"] >= 2 and len(res.report["curve"]) == 3
+    before = load_causal_lm(base, load_config(base), torch.float32)
+    after = load_causal_lm(res.out, load_config(res.out), torch.float32)
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert not torch.allclose(before(x), after(x))
