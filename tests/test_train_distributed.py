@@ -1,8 +1,9 @@
 """torchrun --nproc_per_node 2 (gloo, CPU): DDP and FSDP2 give one process's loss curve with the same global batch,
 export the same Hugging Face checkpoint, and an FSDP2 run resumed from its checkpoint ends bit-identical.
 
-5 samples, a global batch of 4 (2 per rank): each epoch ends with a batch of 1, so rank 1's share is empty there
-(it runs a stand-in that counts zero) and the units per step differ between ranks.
+5 samples, micro-batches of 1 per rank accumulated twice (one process: batch 2, --grad-accum 2): each epoch ends
+with a micro-batch of 1 sample, so rank 1's share is empty there (it runs a stand-in that counts zero), and the
+units of a step differ between ranks.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +23,7 @@ import phi3v
 from phi3v.checkpoint.load import load_causal_lm
 from phi3v.checkpoint.random import create_random
 from phi3v.checkpoint.safetensors import read_state_dict
+from phi3v.data.loader import Loader, StandIn
 from phi3v.models import load_config
 from phi3v.train.config import TrainConfig
 from phi3v.train.run import fit, prepare
@@ -30,9 +33,7 @@ TEXT_LIKE = SHARED / "reference" / "Phi-3.5-mini-instruct"
 QA = [("Capital of France?", "Paris."), ("Sky color?", "Blue."), ("Cat legs?", "Four legs, as dogs have."),
       ("2+2?", "4."), ("Say hi.", "Hi!")]
 STEPS = 6
-COMMON = ["--steps", str(STEPS), "--lr", "5e-3", "--warmup", "2", "--seed", "3"]
-
-pytestmark = pytest.mark.slow
+COMMON = ["--steps", str(STEPS), "--lr", "5e-3", "--warmup", "2", "--seed", "3", "--grad-accum", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -43,31 +44,40 @@ def setup(tmp_path_factory):
     data = d / "train.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
                                                      {"role": "assistant", "content": a}]}) + "\n" for q, a in QA))
-    single = d / "single"  # one process, batch 4 = the global batch of 2 ranks x 2
-    fit(prepare(TrainConfig(model=str(model), data=str(data), out=str(single), batch=4, steps=STEPS, lr=5e-3,
-                            warmup=2, seed=3)))
+    single = d / "single"  # one process, batch 2 = the global micro-batch of 2 ranks x 1
+    fit(prepare(TrainConfig(model=str(model), data=str(data), eval_data=str(data), eval_every=3, out=str(single),
+                            batch=2, grad_accum=2, steps=STEPS, lr=5e-3, warmup=2, seed=3)))
     return d, model, data, single
 
 
-def torchrun(model, data, out, *extra, timeout=150):
+def torchrun(model, data, out, *extra, timeout=150) -> str:
+    """Run 2 ranks of `phi3v.train sft`; a hang is killed with its whole process group. Returns stderr."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "phi3v.train", "sft", "--model", str(model), "--data", str(data), "--out", str(out),
-           "--batch", "2", *COMMON, *extra]
+           "--batch", "1", "--eval-data", str(data), "--eval-every", "3", *COMMON, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"torchrun {' '.join(extra)} did not finish in {timeout} s (a rank waiting on the others?)")
+    assert proc.returncode == 0, err[-4000:]
+    return err
 
 
-def train_losses(out: Path) -> list[tuple[int, float]]:
-    rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-    return [(r["step"], r["loss"]) for r in rows if r["split"] == "train"]
+def losses(out: Path) -> list[tuple[int, str, float]]:
+    """(step, split, loss) of every metrics.jsonl line: train steps and the evaluations after steps 3 and 6."""
+    return [(r["step"], r["split"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
 
 
 def assert_same_run(out: Path, single: Path, rel: float, atol: float) -> None:
-    a, b = train_losses(out), train_losses(single)
-    assert [s for s, _ in a] == list(range(1, STEPS + 1)) == [s for s, _ in b]
-    for (_, x), (_, y) in zip(a, b):
+    a, b = losses(out), losses(single)
+    assert [r[:2] for r in a] == [r[:2] for r in b] and [s for s, split, _ in a if split == "train"] == \
+        list(range(1, STEPS + 1)) and [s for s, split, _ in a if split == "eval"] == [3, 6]
+    for (*_, x), (*_, y) in zip(a, b):
         assert x == pytest.approx(y, rel=rel)
     wa, wb = read_state_dict(out), read_state_dict(single)
     assert wa.keys() == wb.keys() and all(wa[k].dtype == torch.float32 for k in wa)
@@ -80,6 +90,21 @@ def assert_same_run(out: Path, single: Path, rel: float, atol: float) -> None:
     assert model.generate(QA[0][0], max_new_tokens=4, temperature=0).text is not None
 
 
+def test_each_rank_takes_its_share_and_an_empty_share_is_a_stand_in():
+    batches = {}
+    for rank, world in ((0, 1), (0, 2), (1, 2)):
+        it = iter(Loader(list(range(5)), 2 // world, list, seed=1, rank=rank, world=world))
+        batches[rank, world] = [next(it) for _ in range(6)]  # 2 epochs of global batches of 2: (2, 2, 1) each
+    assert [len(b) for b in batches[0, 1]] == [2, 2, 1, 2, 2, 1]
+    for one, r0, r1 in zip(batches[0, 1], batches[0, 2], batches[1, 2]):
+        if isinstance(r1, StandIn):  # the epoch's last sample went to rank 0; rank 1 runs a sample, weighted 0
+            assert one == r0 and len(r1.batch) == 1
+        else:
+            assert sorted(one) == sorted(r0 + r1)
+    assert sum(isinstance(b, StandIn) for b in batches[1, 2]) == 2
+
+
+@pytest.mark.slow
 def test_ddp_equals_one_process_with_the_same_global_batch(setup):
     d, model, data, single = setup
     out = d / "ddp"
@@ -87,6 +112,7 @@ def test_ddp_equals_one_process_with_the_same_global_batch(setup):
     assert_same_run(out, single, rel=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp_equals_one_process_and_resumes_bit_identical(setup):
     d, model, data, single = setup
     out = d / "fsdp"
@@ -103,8 +129,8 @@ def test_fsdp_equals_one_process_and_resumes_bit_identical(setup):
     resumed = d / "fsdp-resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(ckpt, resumed / "checkpoints" / ckpt.name)
-    proc = torchrun(model, data, resumed, "--distributed", "fsdp", "--save-every", "3", "--resume")
-    assert f"resumed from {resumed / 'checkpoints' / ckpt.name}" in proc.stderr
+    err = torchrun(model, data, resumed, "--distributed", "fsdp", "--save-every", "3", "--resume")
+    assert f"resumed from {resumed / 'checkpoints' / ckpt.name}" in err
     a, b = read_state_dict(out), read_state_dict(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert train_losses(resumed) == train_losses(out)[3:]
+    assert losses(resumed) == [r for r in losses(out) if r[0] > 3]  # steps 4-6 and the last eval, bit for bit

@@ -126,16 +126,19 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)
 
 
-def materialize(model: nn.Module) -> nn.Module:
-    """Replace every FSDP2-sharded parameter by its full tensor, in place, for the export at the end of training
-    (a collective; the model must not run forward afterwards)."""
+def materialize(wrapped: nn.Module) -> None:
+    """Replace every FSDP2-sharded parameter under `wrapped` (as `wrap` returned it) by its full tensor, in place,
+    for the export at the end of training (a collective; nothing may run forward afterwards)."""
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    for module in model.modules():
+    for module in wrapped.modules():  # a unit left unsharded by a forward (the root, after an eval) would swap
+        if isinstance(module, FSDPModule):  # its shards back in on state_dict(): reshard every unit first
+            module.reshard()
+    for module in wrapped.modules():
         for name, p in list(module._parameters.items()):
             if isinstance(p, DTensor):
                 module._parameters[name] = nn.Parameter(p.full_tensor().detach(), requires_grad=p.requires_grad)
-    return model
 
 
 def gather_objects(obj) -> list:

@@ -4,6 +4,10 @@
 each micro-batch's summed loss is backpropagated, the gradients are divided by the units (tokens, pairs) of the
 whole step, clipped, and applied. The caller's `on_step(step, record)` sees every step and does the rest (logging,
 evaluation, checkpoints), so the loop holds no file or output logic.
+
+Under torchrun `model` is DDP or FSDP2 around a LossModule (phi3v.train.distributed): they average the gradients
+over the ranks, and the loop divides by the all-reduced units instead, so a step weighs what it would in one process
+with the same global batch. A rank's empty share (a StandIn batch) runs with weight 0 to keep the collectives paired.
 """
 
 from __future__ import annotations
@@ -114,7 +118,8 @@ def train(model: torch.nn.Module, loss_fn, batches: Iterable, optimizer: torch.o
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
         record = {"step": step + 1, "split": "train", **{k: v / max(units, 1) for k, v in sums.items()},
-                  "lr": lr, "grad_norm": float(full_tensor(norm)), "tokens": int(tokens), "tokens_per_s": tokens / max(elapsed, 1e-9)}
+                  "lr": lr, "grad_norm": float(full_tensor(norm)), "tokens": int(tokens),
+                  "tokens_per_s": tokens / max(elapsed, 1e-9)}
         if on_step is not None:
             on_step(step + 1, record)
     return record

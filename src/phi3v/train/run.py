@@ -230,7 +230,7 @@ def fit(setup: Setup, progress: Callable[[dict], None] | None = None) -> RunResu
     run_eval(steps)
     history: list[dict] = []
     if world > 1:
-        materialize(model)  # FSDP2 shards -> full weights on every rank (a collective)
+        materialize(wrapped)  # FSDP2 shards -> full weights on every rank (a collective)
     if lead:
         export_dtype = parse_dtype(cfg.export_dtype) if cfg.export_dtype else None
         num_crops = setup.encoder.num_crops if setup.encoder.vision else None
