@@ -7,8 +7,9 @@
     the label is the argmax;
 (d) the base fine-tuned on the original text towards those labels (next-token loss, labels != inputs); unlike the
     paper, a retain text given is mixed into this fine-tuning with its own tokens as labels (`retain_mix`).
-The forget text is a plain-text file (packed into blocks of `block` tokens) or a JSONL of conversations (one block
-each, labels on the assistant tokens only).
+Defaults: alpha 5 and 512-token blocks, as recalled from the paper (not checked against its text here); the step
+counts and learning rates are this implementation's. The forget text is a plain-text file (packed into blocks of
+`block` tokens) or a JSONL of conversations (one block each, labels on the assistant tokens only).
 """
 
 from __future__ import annotations
