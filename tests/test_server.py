@@ -220,29 +220,36 @@ def first_token(response):
     return lines
 
 
-def wait_for(condition, timeout: float = 10.0) -> bool:
+def wait_for(condition, timeout: float = 120.0) -> bool:
+    """Wait for an event, not for a time: the timeout only ends a test that would otherwise hang."""
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.01)
     return condition()
 
 
+# Prompts past the text fixture's LongRoPE boundary (64): a request that crosses it while decoding has its cache
+# recomputed, and goes back to waiting for that step; one that starts past it never does (no transient states).
+PAST_BOUNDARY = [{"role": "user", "content": "Tell me a long story about the sea. " * 10}]
+
+
 def test_disconnect_frees_the_slot_and_a_full_queue_answers_429(text):
     """One slot and at most one waiting request: a third request gets 429; a client that leaves mid-stream is
-    cancelled at once, and the next one gets its slot."""
-    app = create_app(text, Settings(max_batch=1, max_context=4096, max_queue=1, max_tokens_limit=4096))
+    cancelled at once, and the next one gets its slot. The answers are asked for 60,000 tokens so that none can end
+    by itself while the test looks (4,000 could, on a fast machine, before the third request arrived)."""
+    app = create_app(text, Settings(max_batch=1, max_context=1 << 16, max_queue=1, max_tokens_limit=1 << 16))
     svc = app.state.service
-    body = {"model": svc.name, "messages": HELLO, "max_tokens": 4000, "stream": True, "ignore_eos": True}
+    body = {"model": svc.name, "messages": PAST_BOUNDARY, "max_tokens": 60_000, "stream": True, "ignore_eos": True}
     second_running, leave = threading.Event(), threading.Event()
 
     def second(url):
-        with httpx.Client(base_url=url, timeout=30) as http, http.stream("POST", "/v1/chat/completions",
+        with httpx.Client(base_url=url, timeout=120) as http, http.stream("POST", "/v1/chat/completions",
                                                                          json=body) as r:
             lines = first_token(r)  # noqa: F841 (kept open)
             second_running.set()
-            leave.wait(10)
+            leave.wait(120)
 
-    with running(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+    with running(app) as url, httpx.Client(base_url=url, timeout=120) as http:
         with http.stream("POST", "/v1/chat/completions", json=body) as r:
             lines = first_token(r)  # noqa: F841 (kept open: it holds the only slot)
             waiter = threading.Thread(target=second, args=(url,))
@@ -251,12 +258,12 @@ def test_disconnect_frees_the_slot_and_a_full_queue_answers_429(text):
             assert "phi3v_queue_length 1\n" in http.get("/metrics").text
             r429 = http.post("/v1/chat/completions", json=body)
             assert r429.status_code == 429 and r429.json()["error"]["code"] == "queue_full"
-        assert second_running.wait(10)  # the first client left: its slot went to the waiting one
+        assert second_running.wait(120)  # the first client left: its slot went to the waiting one
         leave.set()
         waiter.join()
         assert wait_for(lambda: not svc.engine.has_work())  # and once it left too, nothing runs
         assert wait_for(lambda: "phi3v_running_requests 0\n" in http.get("/metrics").text)
-        assert svc.worker.generated < 4000  # both were cancelled long before their 4000 tokens
+        assert svc.worker.generated < 60_000  # both were cancelled: together they made less than one answer
         assert_healthy(url)
 
 
@@ -350,7 +357,7 @@ def test_shutdown_lets_requests_finish_within_the_grace_then_cancels(text):
     svc.engine.step, svc.worker.stop = held_step, stop_after_release
 
     def stream(key: str, url: str, max_tokens: int, started=None) -> None:
-        body = {"model": svc.name, "messages": HELLO, "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+        body = {"model": svc.name, "messages": PAST_BOUNDARY, "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
         with httpx.Client(timeout=30) as http, http.stream("POST", url + "/v1/chat/completions", json=body) as r:
             lines = []
             try:

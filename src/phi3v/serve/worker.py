@@ -93,13 +93,18 @@ class Worker:
                 self._add(arg) if kind == "add" else self._cancel(arg)
             if self.engine.has_work():
                 try:
-                    self._dispatch(self.engine.step())
+                    steps = self.engine.step()
+                    self._count()  # before any token goes out: what a client has seen, /metrics already shows
+                    self._dispatch(steps)
                 except Exception as e:  # a bug, not a bad request: fail what is running, keep serving
                     for ticket, job in list(self.jobs.items()):
                         job.sink(EngineFailure(f"{type(e).__name__}: {e}"))
                         self._cancel(ticket)
-            with self.lock:
-                self.waiting, self.running = len(self.engine.waiting), len(self.engine.running)
+            self._count()
+
+    def _count(self) -> None:
+        with self.lock:
+            self.waiting, self.running = len(self.engine.waiting), len(self.engine.running)
 
     def _add(self, job: Job) -> None:
         try:
