@@ -29,6 +29,7 @@ INT4_N_MULTIPLE = 16  # the CPU int4 kernel packs output channels in blocks of 1
 SMALL_M = 4  # CPU kernels other than bf16 are scalar loops (CUDA's int8 one is a thread per output): decode sizes only
 FBGEMM_MIN_ROWS = 16  # from this many rows on (prefill, CLIP), fbgemm's int8 GEMM beats the int8 x bf16 GEMV kernel
 VISION = "model.vision_embed_tokens."
+DECODER = ("model.layers.", "lm_head")
 ROUTER = "block_sparse_moe.gate"  # PhiMoE's router stays in float: 16 outputs that decide the top-2 experts
 
 
@@ -118,8 +119,10 @@ class QuantizedLinear(nn.Module):
 
 
 class WeightOnlyInt8Linear(QuantizedLinear):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.bfloat16, device=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.bfloat16, device=None,
+                 fbgemm: bool = True):
         super().__init__(in_features, out_features, bias, dtype, device)
+        self.fbgemm = fbgemm  # whether pack() adds fbgemm's copy; the decoder's layers go without (pack_for_kernels)
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
 
@@ -128,13 +131,13 @@ class WeightOnlyInt8Linear(QuantizedLinear):
 
     def pack(self) -> None:
         """The CPU bf16 kernel needs the weight on a 64-byte boundary (a memory-mapped tensor may not be on one);
-        half-precision CPU layers also get fbgemm's packed copy for many-row inputs (cpu_int8)."""
+        half-precision CPU layers also get fbgemm's packed copy for many-row inputs (cpu_int8) when `fbgemm`."""
         _expect(self.weight, torch.int8, "an int8 layer's weight")
         if self.weight.data_ptr() % 64 or not self.weight.is_contiguous():
             self.weight = self.weight.clone(memory_format=torch.contiguous_format)
         on_cpu = self.weight.device.type == "cpu" and self.in_features >= 2
         half = self.scales.dtype in (torch.bfloat16, torch.float16)  # float32 layers keep the exact kernel alone
-        self.packed = cpu_int8.prepack(self.weight, self.scales) if on_cpu and half else None
+        self.packed = cpu_int8.prepack(self.weight, self.scales) if on_cpu and half and self.fbgemm else None
 
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         packed = getattr(self, "packed", None)
@@ -255,7 +258,7 @@ def quantize_model(model: nn.Module, scheme: str = "int8", group_size: int = 128
             skipped.append(name)
             continue
         else:
-            new = (WeightOnlyInt8Linear.from_linear(m) if scheme == "int8"
+            new = (WeightOnlyInt8Linear.from_linear(m, fbgemm=not name.startswith(DECODER)) if scheme == "int8"
                    else WeightOnlyInt4Linear.from_linear(m, group_size=group_size))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
@@ -279,8 +282,13 @@ def quantize_from_spec(model: nn.Module, spec) -> dict:
 
 
 def pack_for_kernels(model: nn.Module) -> nn.Module:
-    """Build the quantized layers' kernel layouts on their current device (after loading or moving the model)."""
-    for m in model.modules():
+    """Build the quantized layers' kernel layouts on their current device (after loading or moving the model).
+    fbgemm's packed copy (a second copy of the weight) is not built for the decoder (`model.layers.*`, `lm_head`):
+    there it would double a saved int8 checkpoint's memory for a small prefill gain, while the vision tower's
+    hundreds of rows per crop run 2x faster with it."""
+    for name, m in model.named_modules():
         if isinstance(m, QUANTIZED) and not next(m.buffers()).is_meta:
+            if isinstance(m, WeightOnlyInt8Linear):
+                m.fbgemm = not name.startswith(DECODER)
             m.pack()
     return model
