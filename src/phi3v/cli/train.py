@@ -39,10 +39,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from phi3v.train.distributed import rank_and_world
     from phi3v.train.run import fit, prepare
 
     cfg = config_from_args(args).check()
-    setup = prepare(cfg)
+    setup = prepare(cfg)  # joins torchrun's process group
+    if rank_and_world()[0] != 0:  # the other ranks train silently: rank 0 reports for all of them
+        fit(setup, None)
+        return 0
     for where, reason in setup.bad.items:
         print(f"bad record {where}: {reason}", file=sys.stderr)
     print(f"data: {setup.bad.summary(setup.records_read)}; {len(setup.samples)} training samples"
