@@ -134,3 +134,11 @@ def test_models_without_a_chat_template_get_the_human_assistant_frame(tmp_path):
                     + "\n\nAssistant: " + D.ANSWER_PREFIX)
     yes, no = D.answer_ids(tok)
     assert tok.decode([yes]).startswith("y") and tok.decode([no]).startswith("n")
+
+
+def test_registered_as_an_eval_task(data):
+    from phi3v.eval.tasks import TASKS, get_task
+
+    task = get_task("discrim")
+    assert "discrim" in TASKS and task.generates is False
+    assert len(task.load(data)) == len(D.load_discrim(data))

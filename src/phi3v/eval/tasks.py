@@ -12,6 +12,7 @@ from ..errors import InputError, Phi3VError
 from . import datasets as ds
 from . import metrics as M
 from .datasets import Item
+from .discrim import QUESTION_SUFFIX, load_discrim
 
 VQA_PROMPT = "\nAnswer the question using a single word or phrase."  # lmms-eval docvqa/textvqa/pope post_prompt
 MC_PROMPT = "\nAnswer with the option's letter from the given choices directly."  # lmms-eval sqa/ai2d/mmbench
@@ -219,12 +220,25 @@ class Synth(Task):
         return M.synth_correct(prediction, item.answers, item.meta.get("kind", ""))
 
 
+class Discrim(Task):
+    """The discrimination evaluation (eval/discrim.py): read from the yes/no logits, not generated, so `phi3v eval`
+    hands it to `phi3v.cli.discrim.run`; its items are discrim-eval rows (DiscrimItem), not Items."""
+
+    name, metric, split = "discrim", "mixed-effects discrimination scores on logit p(yes)", ""
+    prompt = "{question}" + QUESTION_SUFFIX
+    generates = False
+
+    def load(self, path, split: str | None = None):
+        return load_discrim(path)
+
+
 TASKS: dict[str, type[Task]] = {t.name: t for t in (ChartQA, DocVQA, TextVQA, ScienceQA, AI2D, MMMU, MMBench, POPE,
-                                                    Synth)}
+                                                    Synth, Discrim)}
 
 
 def get_task(name: str) -> Task:
-    """The task registered under name (chartqa, docvqa, textvqa, scienceqa, ai2d, mmmu, mmbench, pope, synth)."""
+    """The task registered under name (chartqa, docvqa, textvqa, scienceqa, ai2d, mmmu, mmbench, pope, synth,
+    discrim)."""
     if name not in TASKS:
         raise InputError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
     return TASKS[name]()
