@@ -67,6 +67,7 @@ class NanoPlan:
     min_steps: int = 2
     max_steps: int = 100_000
     eval_batch: int = 8
+    eval_max_new_tokens: int | None = None  # None: the synth task's per-answer budget
 
 
 class Recipe:
@@ -208,7 +209,7 @@ class Recipe:
         out = {}
         for split in splits:
             out[split] = evaluate_split(model_dir, self.data_dir, split, self.out / "reports" / f"{name}-{split}",
-                                        self.device, self.plan.eval_batch,
+                                        self.device, self.plan.eval_batch, self.plan.eval_max_new_tokens,
                                         lambda d, n, s=split: self.progress(f"eval {name} {s}", d, n, {}))
         return out
 

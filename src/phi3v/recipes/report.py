@@ -17,7 +17,7 @@ from .data import rejected_rate
 
 
 def evaluate_split(model_dir: Path, data_dir: Path, split: str, out_dir: Path, device: str = "cpu", batch: int = 8,
-                   progress: Callable[[int, int], None] | None = None) -> dict:
+                   max_new_tokens: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
     """Score model_dir on data_dir/split; writes out_dir/report.json and report.png; returns the summary
     {overall, categories, n, rejected}."""
     from ..api import load  # the API room is below recipes; imported here to keep module import light
@@ -25,7 +25,7 @@ def evaluate_split(model_dir: Path, data_dir: Path, split: str, out_dir: Path, d
     model = load(model_dir, dtype="float32", device=device)
     task = get_task("synth")
     items = task.load(data_dir, split)
-    rep = evaluate(model, task, items, batch=batch, progress=progress)
+    rep = evaluate(model, task, items, batch=batch, max_new_tokens=max_new_tokens, progress=progress)
     rep["rejected_style"] = rejected_rate(rep, Path(data_dir) / split)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
