@@ -25,6 +25,7 @@ COMMANDS = {
     "train": "train",
     "eval": "eval",
     "recipe": "recipe",
+    "unlearn": "unlearn",
 }
 
 

@@ -26,6 +26,9 @@ def add_arguments(p) -> None:
                    help='re-score a saved report or a jsonl of {"id", "prediction"} (no model needed)')
     p.add_argument("--out", default=None, help="write the report here (and the chart beside it as .png)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--interventions", nargs="+", default=None,
+                   help="discrim only: prompt interventions compared side by side (default: none)")
+    p.add_argument("--level", type=float, default=0.95, help="discrim only: confidence level of the intervals")
 
 
 def run(args) -> int:
@@ -33,6 +36,10 @@ def run(args) -> int:
     from ..eval.plots import bar_chart
     from ..eval.tasks import get_task
 
+    if args.task == "discrim":  # p(yes) from the logits and a mixed-effects fit, not generated answers
+        from . import discrim
+
+        return discrim.run(args)
     task = get_task(args.task)
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be at least 1, not {args.limit}")
