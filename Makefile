@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
-DEMO_DIR ?= checkpoints/random-phi3.5-vision
 # `phi3v synth` draws with these Debian fonts (chromium is for the web-page test)
 FONT_PACKAGES := fonts-dejavu-core fonts-dejavu-extra fonts-liberation
 FONT_CHECK := /usr/share/fonts/truetype/dejavu/DejaVuSansCondensed.ttf
@@ -23,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(BIN)/phi3v demo --out $(DEMO_DIR)
+	$(BIN)/phi3v demo
 
 test: setup
 	$(BIN)/python -m pytest -n 2 --durations=15 tests
