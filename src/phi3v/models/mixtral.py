@@ -62,11 +62,8 @@ class MixtralMoE(SparseMoE):
         self.experts = Experts(cfg)
         self.k = cfg.num_experts_per_tok
 
-    def forward(self, x):
-        B, T, C = x.shape
-        x = x.reshape(-1, C)
-        weights, experts = softmax_topk(self.gate(x), self.k)
-        return self.experts(x, weights, experts).view(B, T, C)
+    def route(self, logits: torch.Tensor):
+        return softmax_topk(logits, self.k)
 
 
 class MixtralBlock(MoEBlock):

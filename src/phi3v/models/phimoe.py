@@ -86,10 +86,14 @@ class SparseMoE(nn.Module):
         self.experts = Experts(cfg)
         self.jitter_eps = cfg.router_jitter_noise
 
+    def route(self, logits: torch.Tensor):
+        """(N, E) router logits -> weights (N, k), experts (N, k)."""
+        return sparsemixer_top2(logits, self.jitter_eps)
+
     def forward(self, x):
         B, T, C = x.shape
         x = x.reshape(-1, C)
-        weights, experts = sparsemixer_top2(self.gate(x), self.jitter_eps)
+        weights, experts = self.route(self.gate(x))
         return self.experts(x, weights, experts).view(B, T, C)
 
 
