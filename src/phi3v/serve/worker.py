@@ -98,8 +98,8 @@ class Worker:
                     self._dispatch(steps)
                 except Exception as e:  # a bug, not a bad request: fail what is running, keep serving
                     for ticket, job in list(self.jobs.items()):
+                        self._cancel(ticket)  # forgotten before the client hears: it may look at once
                         job.sink(EngineFailure(f"{type(e).__name__}: {e}"))
-                        self._cancel(ticket)
             self._count()
 
     def _count(self) -> None:
@@ -150,12 +150,14 @@ class Worker:
                 del job.rows[s.row]
             batches.setdefault(job.ticket, []).append(
                 Out(index, delta, s.token, row.finish_reason, s.logprob, s.top_logprobs, len(row.token_ids)))
+        # A finished job is forgotten (its rows freed) before its last words go out: the client may look at once.
         for ticket, error in failed.items():  # its other choices end too; nothing more is sent to it
             batches.pop(ticket, None)
-            self.jobs[ticket].sink(error)
+            job = self.jobs[ticket]
             self._cancel(ticket)
+            job.sink(error)
         for ticket, outs in batches.items():
             job = self.jobs[ticket]
-            job.sink(outs)
             if not job.rows:
                 del self.jobs[ticket]
+            job.sink(outs)
