@@ -59,9 +59,9 @@ class NanoPlan:
     sizes: Sizes = NANO_SIZES
     num_crops: int = NANO_NUM_CROPS
     synth: SynthConfig = NANO_SYNTH
-    train_images: int = 1200
-    eval_images: int = 35  # per held-out split (test, test-novel); val gets eval_images // 2
-    share: dict = field(default_factory=lambda: {"pretrain": 0.32, "sft": 0.42, "dpo": 0.08, "eval": 0.15})
+    train_images: int = 4000
+    eval_images: int = 60  # per held-out split (test, test-novel); val gets eval_images // 2
+    share: dict = field(default_factory=lambda: {"pretrain": 0.40, "sft": 0.42, "dpo": 0.08, "eval": 0.05})
     batch: int = 8
     lr: dict = field(default_factory=lambda: {"pretrain": 2e-3, "sft": 1e-3, "dpo": 5e-5})
     min_steps: int = 2
