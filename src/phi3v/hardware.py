@@ -1,7 +1,9 @@
-"""What this machine's CPU can do, read once from /proc/cpuinfo: the one place phi3v asks about CPU features."""
+"""What this machine's CPU can do, read once from /proc/cpuinfo: the one place phi3v asks about CPU features; and
+the C heap's trim, for long-running processes."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 NATIVE_BF16 = ("avx512_bf16", "amx_bf16")  # bfloat16 dot products in hardware
@@ -38,3 +40,21 @@ def cpu_prefers_bf16() -> bool:
 def auto_dtype(device: str) -> str:
     """The dtype "auto" stands for on a device: bfloat16 on accelerators and on CPUs that prefer it, else float32."""
     return "bfloat16" if device != "cpu" or cpu_prefers_bf16() else "float32"
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the OS (glibc's malloc_trim): freed tensors and buffers otherwise stay in
+    the process's RSS. False where the C library has no such call (nothing is done)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True

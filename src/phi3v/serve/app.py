@@ -140,16 +140,15 @@ class Service:
         """Lists of Out as the engine thread sends them, until n choices have finished; the job is cancelled
         at once if the client disconnects or the consumer stops early."""
         gone = asyncio.ensure_future(_disconnected(request))
+        get = None
         left = n
         try:
             while left:
                 get = asyncio.ensure_future(q.get())
                 await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if not get.done():  # the client left
-                    get.cancel()
-                    await asyncio.gather(get, return_exceptions=True)  # its cancellation is collected, not leaked
                     return
-                item = get.result()
+                item, get = get.result(), None
                 if isinstance(item, EngineFailure):
                     raise APIError(500, f"the engine failed while generating ({item})", code="engine_failed")
                 if isinstance(item, Exception):  # this request alone failed (see Engine.failures)
@@ -157,8 +156,10 @@ class Service:
                                         "requests are not affected", code="generation_failed") from item
                 left -= sum(o.finish_reason is not None for o in item)
                 yield item
-        finally:
-            gone.cancel()
+        finally:  # also when the consumer is cancelled mid-wait (a dropped stream): no task is left pending
+            for task in (get, gone):
+                if task is not None and not task.done():
+                    task.cancel()
             if left:
                 self.worker.cancel(ticket)
 

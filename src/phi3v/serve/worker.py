@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 from ..api import TextRow
+from ..hardware import trim_heap
 from ..inference.engine import ERROR, Engine
 from ..inference.requests import Prompt
 from ..inference.sampling import SamplingParams
 from .protocol import Out
 
 IDLE_POLL_S = 0.5  # how often an idle engine thread wakes to check for shutdown
+TRIM_EVERY_S = 10.0  # how often freed heap memory goes back to the OS (a few ms): RSS follows what is in use
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Worker:
         self.running = 0
         self.generated = 0
         self._tickets = 0
+        self._trimmed = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="phi3v-engine", daemon=True)
 
     def start(self) -> None:
@@ -101,6 +105,9 @@ class Worker:
                         self._cancel(ticket)  # forgotten before the client hears: it may look at once
                         job.sink(EngineFailure(f"{type(e).__name__}: {e}"))
             self._count()
+            if time.monotonic() - self._trimmed > TRIM_EVERY_S:
+                trim_heap()
+                self._trimmed = time.monotonic()
 
     def _count(self) -> None:
         with self.lock:
