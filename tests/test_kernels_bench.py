@@ -10,19 +10,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from phi3v.cli import main
-from phi3v.inference.kernels import UPCAST_MIN_ROWS, BF16Linear, use_fast_bf16_linears
+from phi3v.inference.kernels import PLANS, BF16Linear, use_fast_bf16_linears
 
 
-@pytest.mark.parametrize("rows", [1, 3, UPCAST_MIN_ROWS, 130])
+@pytest.mark.parametrize("kind,rows", [(k, r) for k, (_, up) in PLANS.items() for r in (1, 3, up - 1, up, up + 66)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_bf16_linear_matches_f_linear(rows, bias):
+def test_bf16_linear_matches_f_linear(kind, rows, bias):
     g = torch.Generator().manual_seed(rows)
     lin = nn.Linear(96, 200, bias=bias).to(torch.bfloat16)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(200, 96, generator=g))
     x = torch.randn(rows, 96, generator=g).to(torch.bfloat16)
     exact = F.linear(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double())
-    got = BF16Linear.from_linear(lin)(x).double()
+    got = BF16Linear.from_linear(lin, kind)(x).double()
     # both round a float32-accurate result to bf16: at most 1 ulp of bf16 (2^-8 relative) apart from exact
     assert ((got - exact).abs() <= exact.abs() * 2**-7 + 1e-2).all()
     assert got.shape == (rows, 200)
@@ -32,9 +32,10 @@ def test_swap_keeps_names_and_shares_weights():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 4, bias=False))).to(torch.bfloat16)
     before = {k: v.data_ptr() for k, v in model.state_dict().items()}
     n = use_fast_bf16_linears(model)
-    from phi3v.hardware import cpu_has_native_bf16
+    from phi3v.hardware import cpu_bf16_matmul
 
-    assert n == (0 if cpu_has_native_bf16() else 2)
+    assert n == (2 if cpu_bf16_matmul() in PLANS else 0)
+    assert use_fast_bf16_linears(nn.Sequential(nn.Linear(4, 4)).to(torch.bfloat16), kind="amx") == 0
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before
 
 
@@ -67,3 +68,15 @@ def test_bench_baseline_refuses_vision_models(capsys):
     assert main(["bench", "--model", str(FIXTURES / "phi35_vision_tiny"), "--dtype", "float32", "--new-tokens", "2",
                  "--prompt-tokens", "4", "--baseline", "transformers"]) == 2
     assert "needs a text model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,kind", [(None, "unknown"), ({"avx2", "fma"}, "emulated"),
+                                        ({"avx512f", "avx512bw"}, "emulated"), ({"avx512f", "avx512_bf16"}, "avx512_bf16"),
+                                        ({"avx512_bf16", "amx_bf16"}, "amx")])
+def test_bf16_matmul_kind_from_cpu_flags(monkeypatch, flags, kind):
+    import phi3v.hardware as hw
+
+    monkeypatch.setattr(hw, "cpu_flags", lambda: None if flags is None else frozenset(flags))
+    assert hw.cpu_bf16_matmul() == kind
+    model = nn.Sequential(nn.Linear(4, 4)).to(torch.bfloat16)
+    assert use_fast_bf16_linears(model, kind) == (1 if kind in PLANS else 0)

@@ -24,10 +24,13 @@ from phi3v.checkpoint.quantized import quantize_checkpoint
 from phi3v.cli import quantize as quantize_command
 from phi3v.quant.layers import (
     QUANTIZED,
+    UPCAST_BLOCK,
+    UPCAST_MIN_ROWS,
     Int8Experts,
     WeightOnlyInt4Linear,
     WeightOnlyInt8Linear,
     dequantize_int4,
+    int8_matmul,
     quantize_int4,
     quantize_model,
     unpack_int4,
@@ -290,3 +293,17 @@ def test_cli_prints_what_it_wrote(tmp_path, tiny_phi3, capsys):
     out = capsys.readouterr().out
     assert "int4, group size 128" in out and "MiB ->" in out and "lm_head" in out
     assert {p.name for p in (tmp_path / "q").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+
+
+@pytest.mark.parametrize("rows", [UPCAST_MIN_ROWS - 1, UPCAST_MIN_ROWS, UPCAST_MIN_ROWS + 45])
+def test_int8_matmul_many_rows_matches_exact(rows):
+    """Prefill-sized bf16 inputs take the float32 path over upcast weight blocks (more than one block of output
+    rows here): the same product as the int8 kernel, to bf16 rounding of the exact result."""
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randint(-127, 128, (UPCAST_BLOCK + 40, 64), generator=g, dtype=torch.int8)
+    scales = (torch.rand(UPCAST_BLOCK + 40, generator=g) * 0.02 + 0.001).to(torch.bfloat16)
+    x = torch.randn(rows, 64, generator=g).to(torch.bfloat16)
+    exact = x.double() @ (w.double() * scales.double()[:, None]).T
+    got = int8_matmul(x, w, scales)
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-2).all()

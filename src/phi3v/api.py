@@ -105,7 +105,7 @@ class Phi3Model:
         model = load_causal_lm(path, cfg, parse_dtype(dtype), device, raw=raw)
         if quantize:
             quantize_model(model, quantize)
-        use_fast_bf16_linears(model)  # no-op unless bf16 weights on a CPU without native bf16
+        use_fast_bf16_linears(model)  # no-op unless bf16 weights on a CPU whose bf16 GEMM is slow (no AMX)
         return cls(model, tokenizer, path, bool(raw.get(RANDOM_MARKER)), processor)
 
     @property

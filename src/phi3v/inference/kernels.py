@@ -1,9 +1,11 @@
-"""Faster bfloat16 linear layers for CPUs without native bfloat16 arithmetic, swapped in from outside the model.
+"""Faster bfloat16 linear layers for CPUs where PyTorch's bfloat16 GEMM is slow, swapped in from outside the model.
 
-On such CPUs (AVX-512 without AVX512_BF16/AMX) PyTorch's bfloat16 `F.linear` is emulated: a one-row product
-streams the weights at about half the speed `torch.mv` reaches, and a long prefill runs at a quarter of the
-float32 speed. `BF16Linear` keeps the same bfloat16 weight (same parameter names, no extra memory) and picks the
-faster kernel by the number of rows; the results agree with `F.linear` to bfloat16 rounding.
+On CPUs without native bfloat16 arithmetic (AVX-512 without AVX512_BF16/AMX) PyTorch's bfloat16 `F.linear` is
+emulated: a one-row product streams the weights at about half the speed `torch.mv` reaches, and a long prefill runs
+at a quarter of the float32 speed. With AVX512_BF16 but no AMX, one row is fast but many rows still run at
+0.44-0.63x of float32 GEMM (torch 2.13, measured on a Xeon with avx512_bf16). `BF16Linear` keeps the same bfloat16
+weight (same parameter names, no extra memory) and picks the faster kernel by the number of rows, with thresholds
+per CPU kind (`PLANS`); the results agree with `F.linear` to bfloat16 rounding.
 """
 
 from __future__ import annotations
@@ -12,31 +14,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hardware import cpu_has_native_bf16
+from ..hardware import cpu_bf16_matmul
 
 UPCAST_MIN_ROWS = 64  # from this many rows on, float32 GEMM (weight upcast on the fly) beats emulated bf16
 UPCAST_BLOCK = 1024  # output rows upcast at once (3072 inputs: 12 MB of float32)
+# CPU kind -> (torch.mv for one row, rows from which the float32 GEMM runs). Measured with K 3072 -> N 8192, one
+# thread: emulated bf16 needs both; with AVX512_BF16 one row is faster through F.linear (6.8 vs 11.3 ms) and the
+# upcast (about 1.2 ns per weight) pays from about 128 rows on (128: 83 vs 86 ms; CLIP's 577 rows: 1.5x).
+PLANS = {"emulated": (True, UPCAST_MIN_ROWS), "avx512_bf16": (False, 256)}
 
 
 class BF16Linear(nn.Linear):
-    """nn.Linear whose bfloat16 CPU forward uses torch.mv for one row and float32 GEMM for many rows."""
+    """nn.Linear whose bfloat16 CPU forward uses torch.mv for one row (where that is faster) and float32 GEMM for
+    many rows."""
+
+    mv_one_row, upcast_min_rows = PLANS["emulated"]
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear) -> BF16Linear:
+    def from_linear(cls, lin: nn.Linear, kind: str = "emulated") -> BF16Linear:
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = lin.in_features, lin.out_features
         new.weight, new.bias = lin.weight, lin.bias
+        new.mv_one_row, new.upcast_min_rows = PLANS[kind]
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows == 1:
+        if rows == 1 and self.mv_one_row:
             y = torch.mv(self.weight, x.reshape(-1))
             if self.bias is not None:
                 y = y + self.bias
             return y.view(*x.shape[:-1], -1)
-        if rows >= UPCAST_MIN_ROWS:
+        if rows >= self.upcast_min_rows:
             # upcast the weight a block of output rows at a time: a transient copy of a few MB, not of the layer
             x32 = x.float()
             bias = None if self.bias is None else self.bias.float()
@@ -46,15 +56,17 @@ class BF16Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def use_fast_bf16_linears(model: nn.Module) -> int:
-    """Swap every bfloat16 CPU nn.Linear for BF16Linear when the CPU lacks native bf16; returns how many."""
-    if cpu_has_native_bf16():
+def use_fast_bf16_linears(model: nn.Module, kind: str | None = None) -> int:
+    """Swap every bfloat16 CPU nn.Linear for BF16Linear where PyTorch's bf16 GEMM is slow (`PLANS`: emulated
+    bf16, or AVX512_BF16 without AMX); returns how many. `kind` defaults to this CPU's (hardware.cpu_bf16_matmul)."""
+    kind = kind or cpu_bf16_matmul()
+    if kind not in PLANS:
         return 0
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if (type(child) is nn.Linear and child.weight.dtype == torch.bfloat16
                     and child.weight.device.type == "cpu"):
-                setattr(parent, name, BF16Linear.from_linear(child))
+                setattr(parent, name, BF16Linear.from_linear(child, kind))
                 swapped += 1
     return swapped
