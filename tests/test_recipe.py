@@ -16,7 +16,7 @@ from phi3v.cli import recipe as recipe_cli
 from phi3v.errors import InputError
 from phi3v.processing.image import ImageProcessor
 from phi3v.recipes.data import rejected_rate, sft_records
-from phi3v.recipes.nano import PHASES, NanoPlan, run_recipe
+from phi3v.recipes.nano import PHASES, NanoPlan, parse_steps, run_recipe
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 LIKE = SHARED / "reference" / "Phi-3.5-vision-instruct"
@@ -135,3 +135,18 @@ def test_cli_parses_the_recipe_flags():
     assert (args.name, args.out, args.budget_minutes, args.seed, args.resume, args.device) == \
         ("nano", "x", 5.0, 7, True, "cpu")
     assert recipe_cli.HELP
+
+
+def test_fixed_steps_replace_the_timed_plan(tmp_path):
+    """--steps reruns a recorded run: the counts come from the command, not from timing this machine."""
+    plan = micro_plan()
+    plan.steps = parse_steps("pretrain=3,sft=1,dpo=1")
+    state = run_recipe(tmp_path / "run", budget_minutes=0.01, seed=3, plan=plan, like=LIKE)
+    assert state["steps"] == {"pretrain": 3, "sft": 1, "dpo": 1}  # past max_steps=2: not clamped
+    assert "step_seconds" not in state  # nothing was timed
+    logged = [json.loads(ln)["step"] for ln in (tmp_path / "run" / "pretrain" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(ln)["split"] == "train"]
+    assert logged == [1, 2, 3]
+    for bad in ("pretrain=0", "eval=3", "sft=x", "sft"):
+        with pytest.raises(InputError, match="--steps"):
+            parse_steps(bad)

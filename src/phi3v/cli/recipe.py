@@ -19,18 +19,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue a killed run in --out")
     parser.add_argument("--train-images", type=int, default=None, help="synthetic training images (default: plan's)")
     parser.add_argument("--eval-images", type=int, default=None, help="images per held-out split (default: plan's)")
+    parser.add_argument("--steps", default=None,
+                        help="fixed optimizer steps per phase instead of the budget's plan, e.g. "
+                             "pretrain=642,sft=850,dpo=40 (a run's OUT/recipe.json lists its counts: reruns it)")
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from phi3v.recipes.nano import NanoPlan, run_recipe
+    from phi3v.recipes.nano import NanoPlan, parse_steps, run_recipe
 
     plan = NanoPlan()
     if args.train_images is not None:
         plan.train_images = args.train_images
     if args.eval_images is not None:
         plan.eval_images = args.eval_images
+    if args.steps:
+        plan.steps = parse_steps(args.steps)
     bars: dict[str, tqdm] = {}
 
     def progress(phase: str, done: int, total: int, info: dict) -> None:

@@ -66,6 +66,7 @@ class NanoPlan:
     lr: dict = field(default_factory=lambda: {"pretrain": 2e-3, "sft": 1e-3, "dpo": 5e-5})
     min_steps: int = 2
     max_steps: int = 100_000
+    steps: dict = field(default_factory=dict)  # phase -> fixed step count (else timed from the budget): reruns a run
     eval_batch: int = 8
     eval_max_new_tokens: int | None = None  # None: the synth task's per-answer budget
 
@@ -179,9 +180,11 @@ class Recipe:
                            keep_checkpoints=1, resume=True, export_dtype="float32", **kw)
 
     def _train(self, task: str, model: Path) -> dict:
-        steps = self.state["steps"].get(task)
+        steps = self.state["steps"].get(task) or self.plan.steps.get(task)
         setup = None
-        if steps is None:  # the plan: as many steps as the phase's share of the budget holds, timed on 2 steps
+        if steps is not None:
+            self.state["steps"][task] = int(steps)
+        else:  # the plan: as many steps as the phase's share of the budget holds, timed on 2 steps
             setup = prepare(self._train_config(task, model, 1))
             per_step = _time_steps(setup)
             steps = int(min(self.plan.max_steps, max(self.plan.min_steps, self._seconds_for(task) / per_step)))
@@ -223,6 +226,18 @@ class Recipe:
         cfg["phi3v_model"] = NAME
         (final / "config.json").write_text(json.dumps(cfg, indent=2))
         return {"bytes": (final / "model.safetensors").stat().st_size}
+
+
+def parse_steps(text: str) -> dict[str, int]:
+    """"pretrain=642,sft=850,dpo=40" -> {"pretrain": 642, ...}: fixed step counts for some trained phases."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in TRAINED or not value.isdigit() or int(value) < 1:
+            raise InputError(f"bad --steps item {part!r}: give phase=N with a phase of {', '.join(TRAINED)} and N >= 1, "
+                             "e.g. pretrain=642,sft=850,dpo=40")
+        out[name] = int(value)
+    return out
 
 
 def _plan_dict(plan: NanoPlan) -> dict:
