@@ -27,6 +27,22 @@ PHI35_MOE = dict(
     router_aux_loss_coef=0.0, output_router_logits=False, torch_dtype="bfloat16",
 )
 MOE_MSCALE = 1.243163121016122
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_chat_jsonl(path: Path, qa) -> Path:
+    """A training file of one-turn chats, one JSON line per (question, answer)."""
+    return write_jsonl(path, chat_records(qa))
+
+
+def chat_records(qa) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in qa]
+
+
 # No test may reach the network: a repo id that is not in the cache must not start a download (subprocesses too).
 os.environ["HF_HUB_OFFLINE"] = "1"
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_chat_jsonl
 import phi3v
 from phi3v.checkpoint.load import load_causal_lm
 from phi3v.checkpoint.random import create_random
@@ -42,8 +43,7 @@ def setup(tmp_path_factory):
     model = create_random(TEXT_LIKE, d / "model", seed=0, layers=2, hidden=64, heads=4, intermediate=96,
                           dtype="float32")
     data = d / "train.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                     {"role": "assistant", "content": a}]}) + "\n" for q, a in QA))
+    write_chat_jsonl(data, QA)
     single = d / "single"  # one process, batch 2 = the global micro-batch of 2 ranks x 1
     fit(prepare(TrainConfig(model=str(model), data=str(data), eval_data=str(data), eval_every=3, out=str(single),
                             batch=2, grad_accum=2, steps=STEPS, lr=5e-3, warmup=2, seed=3)))

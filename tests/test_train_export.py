@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import chat_records, write_chat_jsonl, write_jsonl
 import phi3v
 from phi3v.checkpoint.load import load_causal_lm
 from phi3v.checkpoint.random import create_random
@@ -29,15 +30,6 @@ TEXT_LIKE = SHARED / "reference" / "Phi-3.5-mini-instruct"
 QA = [("Capital of France?", "Paris."), ("Sky color?", "Blue."), ("Cat legs?", "Four.")]
 
 
-def jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def conversations(qa):
-    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in qa]
-
-
 def parse(argv):
     parser = argparse.ArgumentParser()
     train_cli.add_arguments(parser)
@@ -47,8 +39,8 @@ def parse(argv):
 def test_cli_trains_from_a_toml_config_and_transformers_loads_the_result(tmp_path, capsys):
     model = create_random(TEXT_LIKE, tmp_path / "model", seed=0, layers=2, hidden=64, heads=4, intermediate=96,
                           dtype="float32")
-    data = jsonl(tmp_path / "train.jsonl", conversations(QA) + [{"messages": "oops"}])
-    held = jsonl(tmp_path / "eval.jsonl", conversations([("Dog legs?", "Four.")]))
+    data = write_jsonl(tmp_path / "train.jsonl", chat_records(QA) + [{"messages": "oops"}])
+    held = write_chat_jsonl(tmp_path / "eval.jsonl", [("Dog legs?", "Four.")])
     (tmp_path / "run.toml").write_text(f'model = "{model}"\ndata = "{data}"\neval-data = "{held}"\n'
                                        f'out = "{tmp_path / "out"}"\nsteps = 100\nbatch = 2\nlr = 1e-3\n'
                                        'eval_every = 2\n')

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_chat_jsonl
 import phi3v
 from phi3v.checkpoint.load import load_causal_lm
 from phi3v.checkpoint.random import create_random
@@ -38,9 +39,7 @@ def text_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def sft_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("sft") / "train.jsonl"
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                     {"role": "assistant", "content": a}]}) + "\n" for q, a in QA))
-    return path
+    return write_chat_jsonl(path, QA)
 
 
 def text_samples(model_dir, n=4):

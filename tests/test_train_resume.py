@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_chat_jsonl
 from phi3v.checkpoint.load import load_causal_lm
 from phi3v.checkpoint.random import create_random
 from phi3v.checkpoint.safetensors import read_state_dict
@@ -33,8 +34,7 @@ def setup(tmp_path_factory):
     model = create_random(TEXT_LIKE, d / "model", seed=0, layers=2, hidden=64, heads=4, intermediate=96,
                           dtype="float32")
     data = d / "train.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                     {"role": "assistant", "content": a}]}) + "\n" for q, a in QA))
+    write_chat_jsonl(data, QA)
     return d, model, data
 
 

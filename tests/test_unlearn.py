@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+from conftest import write_jsonl
 from phi3v.checkpoint.load import load_causal_lm
 from phi3v.models import load_config
 from phi3v.processing.render import render
@@ -30,11 +31,6 @@ LIVES = {**{n: CITIES[i] for i, n in enumerate(FORGET)}, **{n: CITIES[(i + 3) % 
 def conv(name: str, city: str) -> dict:
     return {"messages": [{"role": "user", "content": f"Where does {name} live?"},
                          {"role": "assistant", "content": f"{name} lives in {city}."}]}
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
