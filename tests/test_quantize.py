@@ -24,8 +24,8 @@ from phi3v.checkpoint.quantized import quantize_checkpoint
 from phi3v.cli import quantize as quantize_command
 from phi3v.quant.layers import (
     QUANTIZED,
+    INT8_UPCAST_MIN_ROWS,
     UPCAST_BLOCK,
-    UPCAST_MIN_ROWS,
     Int8Experts,
     WeightOnlyInt4Linear,
     WeightOnlyInt8Linear,
@@ -295,7 +295,7 @@ def test_cli_prints_what_it_wrote(tmp_path, tiny_phi3, capsys):
     assert {p.name for p in (tmp_path / "q").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
 
 
-@pytest.mark.parametrize("rows", [UPCAST_MIN_ROWS - 1, UPCAST_MIN_ROWS, UPCAST_MIN_ROWS + 45])
+@pytest.mark.parametrize("rows", [INT8_UPCAST_MIN_ROWS - 1, INT8_UPCAST_MIN_ROWS, INT8_UPCAST_MIN_ROWS + 45])
 def test_int8_matmul_many_rows_matches_exact(rows):
     """Prefill-sized bf16 inputs take the float32 path over upcast weight blocks (more than one block of output
     rows here): the same product as the int8 kernel, to bf16 rounding of the exact result."""

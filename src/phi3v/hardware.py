@@ -23,13 +23,6 @@ def cpu_flags() -> frozenset[str] | None:
     return None
 
 
-def cpu_has_native_bf16() -> bool:
-    """True where bfloat16 arithmetic runs in hardware (AVX512_BF16, AMX), or where the CPU is unknown (leave
-    PyTorch's kernels alone); False where PyTorch emulates it."""
-    flags = cpu_flags()
-    return flags is None or any(f in flags for f in NATIVE_BF16)
-
-
 def cpu_bf16_matmul() -> str:
     """How PyTorch's bfloat16 matmuls run here: "amx" (tiles: faster than float32), "avx512_bf16" (dot-product
     instructions, yet measured 0.44-0.63x of float32 GEMM with torch 2.13 on such a Xeon), "emulated", or

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hardware import cpu_bf16_matmul
+from ..quant.layers import upcast_linear
 
 UPCAST_MIN_ROWS = 64  # from this many rows on, float32 GEMM (weight upcast on the fly) beats emulated bf16
-UPCAST_BLOCK = 1024  # output rows upcast at once (3072 inputs: 12 MB of float32)
 # CPU kind -> (torch.mv for one row, rows from which the float32 GEMM runs). Measured with K 3072 -> N 8192, one
 # thread: emulated bf16 needs both; with AVX512_BF16 one row is faster through F.linear (6.8 vs 11.3 ms) and the
 # upcast (about 1.2 ns per weight) pays from about 128 rows on (128: 83 vs 86 ms; CLIP's 577 rows: 1.5x).
@@ -47,12 +47,8 @@ class BF16Linear(nn.Linear):
                 y = y + self.bias
             return y.view(*x.shape[:-1], -1)
         if rows >= self.upcast_min_rows:
-            # upcast the weight a block of output rows at a time: a transient copy of a few MB, not of the layer
-            x32 = x.float()
-            bias = None if self.bias is None else self.bias.float()
-            out = [F.linear(x32, w.float(), None if bias is None else bias[i:i + len(w)])
-                   for i, w in zip(range(0, self.out_features, UPCAST_BLOCK), self.weight.split(UPCAST_BLOCK))]
-            return torch.cat(out, dim=-1).to(x.dtype)
+            y = upcast_linear(x, self.weight)
+            return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
 

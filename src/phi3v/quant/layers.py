@@ -30,7 +30,7 @@ SMALL_M = 4  # CPU kernels other than bf16 are scalar loops (CUDA's int8 one is 
 FBGEMM_MIN_ROWS = 16  # from this many rows on (prefill, CLIP), fbgemm's int8 GEMM beats the int8 x bf16 GEMV kernel
 # Without fbgemm's copy (the decoder's layers): from this many rows on, float32 GEMM over weight blocks upcast on the
 # fly beats the int8 x bf16 kernel (K 3072 -> N 8192, one thread: 256 rows 133 vs 201 ms, 773 rows 304 vs 614 ms)
-UPCAST_MIN_ROWS = 256
+INT8_UPCAST_MIN_ROWS = 256
 UPCAST_BLOCK = 1024  # output rows upcast at once (3072 inputs: 12 MB of float32)
 VISION = "model.vision_embed_tokens."
 DECODER = ("model.layers.", "lm_head")
@@ -52,14 +52,19 @@ def _int8_op_ok(x2d: torch.Tensor, w: torch.Tensor) -> bool:
     return x2d.device.type in ("cpu", "cuda") and x2d.shape[0] <= SMALL_M
 
 
+def upcast_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T in float32, the weight upcast a block of output rows at a time (a transient copy of a few MB,
+    not of the layer): where PyTorch's half-precision or int8 GEMM is slower than its float32 one."""
+    x32 = x.float()
+    return torch.cat([F.linear(x32, w.float()) for w in weight.split(UPCAST_BLOCK)], dim=-1)
+
+
 def int8_matmul(x2d: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """(M, K) @ (weight * scales[:, None]).T in x's dtype: the int8 kernel where it applies, float32 GEMM on
     weight blocks upcast on the fly for many half-precision rows on CPU (prefill), else a plain matmul."""
-    if (x2d.shape[0] >= UPCAST_MIN_ROWS and x2d.dtype in (torch.bfloat16, torch.float16)
+    if (x2d.shape[0] >= INT8_UPCAST_MIN_ROWS and x2d.dtype in (torch.bfloat16, torch.float16)
             and x2d.device.type == "cpu"):
-        x32 = x2d.float()
-        out = torch.cat([F.linear(x32, w.float()) for w in weight.split(UPCAST_BLOCK)], dim=-1)
-        return (out * scales.float()).to(x2d.dtype)
+        return (upcast_linear(x2d, weight) * scales.float()).to(x2d.dtype)
     s = scales.to(x2d.dtype)
     if _int8_op_ok(x2d, weight):
         return torch.ops.aten._weight_int8pack_mm(x2d, weight, s)
