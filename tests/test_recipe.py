@@ -150,3 +150,19 @@ def test_fixed_steps_replace_the_timed_plan(tmp_path):
     for bad in ("pretrain=0", "eval=3", "sft=x", "sft"):
         with pytest.raises(InputError, match="--steps"):
             parse_steps(bad)
+
+
+def test_fixed_steps_survive_a_kill_before_the_phase_ends(tmp_path):
+    """The counts are written to OUT/recipe.json before training: a run killed mid-phase and resumed without
+    --steps goes on with them (not with a count timed anew)."""
+    plan = micro_plan()
+    plan.steps = {"pretrain": 3}
+
+    def kill(phase, done, total, info):
+        if phase == "pretrain" and done == 1:
+            raise Killed
+    with pytest.raises(Killed):
+        run_recipe(tmp_path / "run", budget_minutes=0.01, seed=3, plan=plan, like=LIKE, progress=kill)
+    assert json.loads((tmp_path / "run" / "recipe.json").read_text())["steps"] == {"pretrain": 3}
+    state = run_recipe(tmp_path / "run", budget_minutes=0.01, seed=3, plan=micro_plan(), like=LIKE, resume=True)
+    assert state["steps"]["pretrain"] == 3

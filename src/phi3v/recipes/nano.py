@@ -182,13 +182,13 @@ class Recipe:
     def _train(self, task: str, model: Path) -> dict:
         steps = self.state["steps"].get(task) or self.plan.steps.get(task)
         setup = None
-        if steps is not None:
-            self.state["steps"][task] = int(steps)
-        else:  # the plan: as many steps as the phase's share of the budget holds, timed on 2 steps
+        if steps is None:  # the plan: as many steps as the phase's share of the budget holds, timed on 2 steps
             setup = prepare(self._train_config(task, model, 1))
             per_step = _time_steps(setup)
             steps = int(min(self.plan.max_steps, max(self.plan.min_steps, self._seconds_for(task) / per_step)))
-            self.state["steps"][task], self.state.setdefault("step_seconds", {})[task] = steps, round(per_step, 3)
+            self.state.setdefault("step_seconds", {})[task] = round(per_step, 3)
+        if self.state["steps"].get(task) != steps:  # recorded before training: a resumed run keeps the count
+            self.state["steps"][task] = int(steps)
             self._save()
         cfg = self._train_config(task, model, steps)
         if setup is None:
