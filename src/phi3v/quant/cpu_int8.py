@@ -37,9 +37,11 @@ def reduce_range() -> bool:
     return not any(f in flags for f in VNNI)
 
 
-def prepack(weight: torch.Tensor, scales: torch.Tensor):
+def prepack(weight: torch.Tensor, scales: torch.Tensor, release=None):
     """int8 (N, K) and per-output-channel scales (N,) -> fbgemm's packed weight (a copy), or None where this PyTorch
-    cannot (said once, as a warning: the layer then runs PyTorch's int8 x bf16 kernel at every size)."""
+    cannot (said once, as a warning: the layer then runs PyTorch's int8 x bf16 kernel at every size). `release(weight)`
+    is called once the weight's bytes are copied, before the packed copy is made (a memory-mapped weight gives its
+    pages back there, so a layer never holds three copies at once)."""
     if not available():
         _fallback(f"this PyTorch has no {ENGINE} engine")
         return None
@@ -49,6 +51,8 @@ def prepack(weight: torch.Tensor, scales: torch.Tensor):
             warnings.simplefilter("ignore")  # quantized tensors are deprecated: the packed weight is what is used
             q = torch._make_per_channel_quantized_tensor(weight.contiguous(), scales.double(),
                                                          torch.zeros(weight.shape[0], dtype=torch.long), 0)
+            if release is not None:
+                release(weight)
             torch.backends.quantized.engine = ENGINE  # prepack packs for the engine current at the call
             return torch.ops.quantized.linear_prepack(q, None)
     except (RuntimeError, AttributeError, NotImplementedError) as e:
@@ -70,18 +74,31 @@ def unpack(packed) -> tuple[torch.Tensor, torch.Tensor]:
     return q.int_repr(), q.q_per_channel_scales().float()
 
 
-def matmul(x2d: torch.Tensor, packed) -> torch.Tensor:
-    """(M, K) float @ the packed int8 weight's dequantized (N, K).T -> float32 (M, N); K >= 2."""
+_PIN = torch.tensor([-1.0, 1.0])
+
+
+def matmul(x2d: torch.Tensor, packed, bits: int = 16) -> torch.Tensor:
+    """(M, K) float @ the packed int8 weight's dequantized (N, K).T -> float32 (M, N); K >= 2. `bits` 16: each row
+    goes in as its 8-bit rounding plus the remainder (about 16-bit activations, twice the rows); 8: the 8-bit
+    rounding alone (per-row scales, as llama.cpp's Q8_0 activations per block of 32: about 0.4% of a row's largest
+    value per element; a third of the time at prefill sizes)."""
     M, K = x2d.shape
     qmax = 127 if reduce_range() else 255
     step = 2 / qmax  # fbgemm's grid over [-1, 1]: k * step for integer k
     top = (qmax - 1) // 2 * step  # rows are scaled into [-top, top], whose rounding stays on that grid
     x = x2d.float()
     amax = x.abs().amax(1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
+    if bits == 8:
+        z = torch.empty(M + 1, K)
+        torch.mul(x, top / amax, out=z[:M])  # fbgemm rounds these to its grid: the 8-bit activations
+        z[M].zero_()[:2] = _PIN  # pins fbgemm's range, and so its grid
+        return torch.ops.quantized.linear_dynamic(z, packed, reduce_range())[:M].mul_(amax / top)
+    if bits != 16:
+        raise ValueError(f"activation bits must be 8 or 16, not {bits!r}")
     z = torch.empty(2 * M + 1, K)
     torch.mul(x, top / amax, out=z[:M])  # rows within [-top, top]
     torch.mul(z[:M], 1 / step, out=z[M:2 * M]).round_().mul_(step)  # their 8-bit rounding, on fbgemm's grid
     z[:M].sub_(z[M:2 * M]).mul_(qmax - 1)  # the remainder (within +-step/2) scaled up to +-top
-    z[2 * M].zero_()[:2] = torch.tensor([-1.0, 1.0])  # pins fbgemm's range, and so its grid
+    z[2 * M].zero_()[:2] = _PIN
     y = torch.ops.quantized.linear_dynamic(z, packed, reduce_range())  # (2M + 1, N)
     return y[M:2 * M].add_(y[:M], alpha=1 / (qmax - 1)).mul_(amax / top)

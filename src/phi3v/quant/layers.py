@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint.safetensors import release_pages
 from ..errors import CheckpointError, InputError
+from ..hardware import trim_heap
 from ..models.phimoe import Experts
 from . import cpu_int8
 
@@ -27,13 +29,16 @@ SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 INT4_N_MULTIPLE = 16  # the CPU int4 kernel packs output channels in blocks of 16 (CUDA's needs 8)
 SMALL_M = 4  # CPU kernels other than bf16 are scalar loops (CUDA's int8 one is a thread per output): decode sizes only
-FBGEMM_MIN_ROWS = 16  # from this many rows on (prefill, CLIP), fbgemm's int8 GEMM beats the int8 x bf16 GEMV kernel
-# Without fbgemm's copy (the decoder's layers): from this many rows on, float32 GEMM over weight blocks upcast on the
-# fly beats the int8 x bf16 kernel (K 3072 -> N 8192, one thread: 256 rows 133 vs 201 ms, 773 rows 304 vs 614 ms)
+# Activation bits of the half-precision CPU int8 layers' fbgemm GEMM (cpu_int8.matmul): the decoder keeps ~16-bit
+# activations (decode is bound by the weights' bandwidth, where the second pass costs little); the vision tower and
+# projector, hundreds of rows per crop, go 8-bit (3x the float32 GEMM's speed there, against 1.2x with 16 bits).
+DECODER_ACTIVATION_BITS = 16
+VISION_ACTIVATION_BITS = 8
+# Without fbgemm (MoE experts, builds without it): from this many rows on, float32 GEMM over weight blocks upcast on
+# the fly beats the int8 x bf16 kernel (K 3072 -> N 8192, one thread: 256 rows 133 vs 201 ms, 773 rows 304 vs 614 ms)
 INT8_UPCAST_MIN_ROWS = 256
 UPCAST_BLOCK = 1024  # output rows upcast at once (3072 inputs: 12 MB of float32)
 VISION = "model.vision_embed_tokens."
-DECODER = ("model.layers.", "lm_head")
 ROUTER = "block_sparse_moe.gate"  # PhiMoE's router stays in float: 16 outputs that decide the top-2 experts
 
 
@@ -135,9 +140,10 @@ class QuantizedLinear(nn.Module):
 
 class WeightOnlyInt8Linear(QuantizedLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.bfloat16, device=None,
-                 fbgemm: bool = True):
+                 fbgemm: bool = True, activation_bits: int = DECODER_ACTIVATION_BITS):
         super().__init__(in_features, out_features, bias, dtype, device)
-        self.fbgemm = fbgemm  # whether pack() adds fbgemm's copy; the decoder's layers go without (pack_for_kernels)
+        self.fbgemm = fbgemm  # whether pack() builds fbgemm's packed copy (half-precision CPU layers)
+        self.activation_bits = activation_bits  # of that GEMM: 16 (decoder) or 8 (vision tower, projector)
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
 
@@ -145,20 +151,22 @@ class WeightOnlyInt8Linear(QuantizedLinear):
         self.weight, self.scales = quantize_int8(w, w.dtype)
 
     def pack(self) -> None:
-        """The CPU bf16 kernel needs the weight on a 64-byte boundary (a memory-mapped tensor may not be on one);
-        half-precision CPU layers also get fbgemm's packed copy for many-row inputs (cpu_int8) when `fbgemm`."""
+        """Half-precision CPU layers get fbgemm's packed copy (cpu_int8), which every forward then runs; a weight
+        memory-mapped from the checkpoint gives its resident pages back after packing (`release_pages`: the saved
+        int8 model then takes its weight bytes once). Without fbgemm the CPU int8 x bf16 kernel needs the weight on
+        a 64-byte boundary (a memory-mapped tensor may not be on one)."""
         _expect(self.weight, torch.int8, "an int8 layer's weight")
-        if self.weight.data_ptr() % 64 or not self.weight.is_contiguous():
-            self.weight = self.weight.clone(memory_format=torch.contiguous_format)
         on_cpu = self.weight.device.type == "cpu" and self.in_features >= 2
         half = self.scales.dtype in (torch.bfloat16, torch.float16)  # float32 layers keep the exact kernel alone
-        self.packed = cpu_int8.prepack(self.weight, self.scales) if on_cpu and half and self.fbgemm else None
+        self.packed = (cpu_int8.prepack(self.weight, self.scales, release=release_pages)
+                       if on_cpu and half and self.fbgemm else None)
+        if self.packed is None and (self.weight.data_ptr() % 64 or not self.weight.is_contiguous()):
+            self.weight = self.weight.clone(memory_format=torch.contiguous_format)
 
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         packed = getattr(self, "packed", None)
-        if (packed is not None and x2d.shape[0] >= FBGEMM_MIN_ROWS and x2d.device.type == "cpu"
-                and self.weight.device.type == "cpu"):
-            return cpu_int8.matmul(x2d, packed).to(x2d.dtype)
+        if packed is not None and x2d.device.type == "cpu" and self.weight.device.type == "cpu":
+            return cpu_int8.matmul(x2d, packed, self.activation_bits).to(x2d.dtype)
         return int8_matmul(x2d, self.weight, self.scales)
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -273,7 +281,7 @@ def quantize_model(model: nn.Module, scheme: str = "int8", group_size: int = 128
             skipped.append(name)
             continue
         else:
-            new = (WeightOnlyInt8Linear.from_linear(m, fbgemm=not name.startswith(DECODER)) if scheme == "int8"
+            new = (WeightOnlyInt8Linear.from_linear(m, activation_bits=_activation_bits(name)) if scheme == "int8"
                    else WeightOnlyInt4Linear.from_linear(m, group_size=group_size))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
@@ -296,14 +304,20 @@ def quantize_from_spec(model: nn.Module, spec) -> dict:
                           set(spec.get("skipped") or ()))
 
 
+def _activation_bits(name: str) -> int:
+    return VISION_ACTIVATION_BITS if name.startswith(VISION) else DECODER_ACTIVATION_BITS
+
+
 def pack_for_kernels(model: nn.Module) -> nn.Module:
     """Build the quantized layers' kernel layouts on their current device (after loading or moving the model).
-    fbgemm's packed copy (a second copy of the weight) is not built for the decoder (`model.layers.*`, `lm_head`):
-    there it would double a saved int8 checkpoint's memory for a small prefill gain, while the vision tower's
-    hundreds of rows per crop run 2x faster with it."""
-    for name, m in model.named_modules():
-        if isinstance(m, QUANTIZED) and not next(m.buffers()).is_meta:
-            if isinstance(m, WeightOnlyInt8Linear):
-                m.fbgemm = not name.startswith(DECODER)
-            m.pack()
+    The largest layers go first and the heap is trimmed after each: a layer's transient copy then never adds to
+    the ones before, so loading a saved int8 checkpoint peaks near its weight bytes."""
+    todo = [(name, m) for name, m in model.named_modules()
+            if isinstance(m, QUANTIZED) and not next(m.buffers()).is_meta]
+    todo.sort(key=lambda nm: -sum(b.numel() * b.element_size() for b in nm[1].buffers()))
+    for name, m in todo:
+        if isinstance(m, WeightOnlyInt8Linear):
+            m.activation_bits = _activation_bits(name)
+        m.pack()
+        trim_heap()  # a few ms; the freed copy would otherwise stay in the heap for the rest of the run
     return model
