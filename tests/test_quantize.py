@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 import phi3v.api
+from phi3v.inference import native
 from phi3v.models import config_from_dict
 from phi3v.errors import CheckpointError, InputError
 from phi3v.processing.image import ImageProcessor
@@ -87,13 +88,14 @@ def test_int4_linear_is_the_dequantized_matmul(dtype, M, group_size):
     lin = linear(K, N, bias=True, seed=group_size)
     q = WeightOnlyInt4Linear.from_linear(lin.to(dtype), group_size=group_size)
     assert q.weight.shape == (N, K // 2) and q.scales_and_zeros.shape == (K // group_size, N, 2)
-    assert q.packed is not None and q.packed_for == "cpu"
+    assert q.packed is not None and q.packed_for == ("cpu" if dtype == torch.float32 or native.ops() is None else "native")
     w = dequantize_int4(q.weight, q.scales_and_zeros, group_size)
     step = q.scales_and_zeros[..., 0].float().T.repeat_interleave(group_size, 1)  # (N, K)
     assert ((w - lin.weight.float()).abs() <= step / 2 + 1e-3 * step.max()).all()  # within half a step
-    x = torch.randn(3, M, K).to(dtype)
+    x = torch.randn(3, M, K, generator=torch.Generator().manual_seed(M)).to(dtype)
     ref = x.float() @ w.T + lin.bias.float()
-    assert rel_err(q(x), ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    # float32: exact; bf16: the output's rounding, plus the native kernel's int8 rows (its own test pins those)
+    assert rel_err(q(x), ref) < (1e-5 if dtype == torch.float32 else 2.5e-2)
 
 
 def test_int4_packing_round_trips():

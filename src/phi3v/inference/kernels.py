@@ -16,17 +16,21 @@ from torch import nn
 
 from ..hardware import cpu_bf16_matmul
 from ..quant.layers import upcast_linear
+from . import native
 
 UPCAST_MIN_ROWS = 64  # from this many rows on, float32 GEMM (weight upcast on the fly) beats emulated bf16
 # CPU kind -> (torch.mv for one row, rows from which the float32 GEMM runs). Measured with K 3072 -> N 8192, one
 # thread: emulated bf16 needs both; with AVX512_BF16 one row is faster through F.linear (6.8 vs 11.3 ms) and the
 # upcast (about 1.2 ns per weight) pays from about 128 rows on (128: 83 vs 86 ms; CLIP's 577 rows: 1.5x).
 PLANS = {"emulated": (True, UPCAST_MIN_ROWS), "avx512_bf16": (False, 256)}
+# Rows up to which the C++ kernel beats F.linear (same shape, one thread, avx512_bf16: 1 row 5.3 vs 7.6 ms,
+# 8 rows 9.8 vs 11.8, 16 rows 13.6 vs 17.1)
+NATIVE_MAX_ROWS = 16
 
 
 class BF16Linear(nn.Linear):
-    """nn.Linear whose bfloat16 CPU forward uses torch.mv for one row (where that is faster) and float32 GEMM for
-    many rows."""
+    """nn.Linear whose bfloat16 CPU forward uses phi3v's C++ kernel for a few rows (else torch.mv for one row, where
+    that is faster) and float32 GEMM for many rows."""
 
     mv_one_row, upcast_min_rows = PLANS["emulated"]
 
@@ -41,6 +45,12 @@ class BF16Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
+        if (0 < rows <= NATIVE_MAX_ROWS and x.device.type == "cpu" and self.weight.is_contiguous()
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+                and native.ops() is not None):  # (the C++ kernel has no backward)
+            y = native.bf16_gemv(x.reshape(rows, -1), self.weight)
+            y = y if self.bias is None else y + self.bias.float()
+            return y.to(x.dtype).view(*x.shape[:-1], -1)
         if rows == 1 and self.mv_one_row:
             y = torch.mv(self.weight, x.reshape(-1))
             if self.bias is not None:

@@ -22,6 +22,7 @@ from torch import nn
 from ..checkpoint.safetensors import release_pages
 from ..errors import CheckpointError, InputError
 from ..hardware import trim_heap
+from ..inference import native
 from ..models.phimoe import Experts
 from . import cpu_int8
 
@@ -183,7 +184,8 @@ class WeightOnlyInt4Linear(QuantizedLinear):
         self.register_buffer("scales_and_zeros", torch.empty(in_features // group_size, out_features, 2, dtype=dtype,
                                                              device=device))
         self.register_buffer("packed", None, persistent=False)  # the kernel's layout, made by pack()
-        self.packed_for = None  # the device type that layout is for
+        self.register_buffer("native_sz", None, persistent=False)  # the C++ kernel's per-group terms
+        self.packed_for = None  # what that layout is for: "native" (phi3v's C++ kernel), "cpu" or "cuda" (PyTorch's)
 
     @staticmethod
     def fits(lin: nn.Linear, group_size: int) -> bool:
@@ -193,9 +195,18 @@ class WeightOnlyInt4Linear(QuantizedLinear):
         self.weight, self.scales_and_zeros = quantize_int4(w, self.group_size, w.dtype)
 
     def pack(self) -> None:
-        """Lay the weight out for the int4 kernel of the device it is on (a device-specific layout)."""
+        """Lay the weight out for the int4 kernel of the device it is on (a device-specific layout). Half-precision
+        CPU layers run phi3v's C++ int4 x int8 GEMM (inputs rounded to int8 per row, like llama.cpp's Q4_0 x Q8_0)
+        at every row count where it could be built, else PyTorch's int4 kernel."""
         _expect(self.weight, torch.uint8, "an int4 layer's weight")
-        q, kind = unpack_int4(self.weight), self.weight.device.type
+        kind = self.weight.device.type
+        half = self.scales_and_zeros.dtype in (torch.bfloat16, torch.float16)  # float32 layers keep exact kernels
+        if kind == "cpu" and half and native.ops() is not None:  # one copy for every row count; file pages given back
+            self.packed, self.native_sz = native.int4_pack(self.weight), native.int4_scales(self.scales_and_zeros)
+            self.packed_for = "native"
+            release_pages(self.weight)
+            return
+        q = unpack_int4(self.weight)
         if kind == "cpu":
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
         elif kind == "cuda":  # tinygemm: uint8 (N, K/2) with k = 2j in the high nibble
@@ -208,11 +219,15 @@ class WeightOnlyInt4Linear(QuantizedLinear):
     def _op_ok(self, x2d: torch.Tensor) -> bool:
         if self.packed is None or x2d.shape[0] == 0 or self.packed.device != x2d.device:
             return False
+        if self.packed_for == "native":
+            return x2d.device.type == "cpu"
         if x2d.device.type == "cuda":
             return self.packed_for == "cuda" and x2d.dtype == torch.bfloat16
         return self.packed_for == "cpu" and (x2d.dtype == torch.bfloat16 or x2d.shape[0] <= SMALL_M)
 
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self._op_ok(x2d) and self.packed_for == "native":
+            return native.int4_matmul(x2d, self.packed, self.native_sz, self.group_size).to(x2d.dtype)
         if self._op_ok(x2d):
             op = (torch.ops.aten._weight_int4pack_mm_for_cpu if x2d.device.type == "cpu"
                   else torch.ops.aten._weight_int4pack_mm)

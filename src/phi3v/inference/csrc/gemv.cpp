@@ -1,0 +1,146 @@
+// phi3v's own CPU kernels, compiled on first use for the CPU at hand (-march=native) and cached (inference/native.py).
+//
+// bf16_gemv(x, w) -> y: y = x @ w.T for a few rows (decode, batched decode): x (M, K) float32 or bfloat16, w (N, K)
+// bfloat16 contiguous, y (M, N) float32. Each bf16 weight is widened to float32 exactly (a 16-bit shift) and
+// multiplied with float32 FMAs, so the products are exact and the sums are float32 sums; the weights stream once
+// from memory for up to 4 rows of x at a time. Output rows are split over PyTorch's intra-op threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kRowsPerBlock = 4;  // weight rows whose dot products run together (x loads shared)
+constexpr int64_t kMaxX = 4;          // rows of x per pass over a weight block (a block of 4 rows stays in L1)
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+#if defined(__AVX512F__)
+inline __m512 load_bf16x16(const uint16_t* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+constexpr int64_t kLanes = 16;
+#elif defined(__AVX2__)
+inline __m256 load_bf16x8(const uint16_t* p) {
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+constexpr int64_t kLanes = 8;
+#else
+constexpr int64_t kLanes = 1;
+#endif
+
+// y[m][n0 + r] for r < R, m < MX: x rows (float32, stride K), weight rows n0.. (bf16, stride K)
+template <int R, int MX>
+void block(const float* x, const uint16_t* w, float* y, int64_t K, int64_t N) {
+  const int64_t kv = K / kLanes * kLanes;
+#if defined(__AVX512F__)
+  __m512 acc[MX][R];
+  for (int m = 0; m < MX; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kv; k += kLanes) {
+    __m512 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = load_bf16x16(w + r * K + k);
+    for (int m = 0; m < MX; ++m) {
+      __m512 xv = _mm512_loadu_ps(x + m * K + k);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
+    }
+  }
+  float out[MX][R];
+  for (int m = 0; m < MX; ++m)
+    for (int r = 0; r < R; ++r) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+#elif defined(__AVX2__)
+  __m256 acc[MX][R];
+  for (int m = 0; m < MX; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kv; k += kLanes) {
+    __m256 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = load_bf16x8(w + r * K + k);
+    for (int m = 0; m < MX; ++m) {
+      __m256 xv = _mm256_loadu_ps(x + m * K + k);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
+    }
+  }
+  float out[MX][R];
+  for (int m = 0; m < MX; ++m)
+    for (int r = 0; r < R; ++r) out[m][r] = hsum256(acc[m][r]);
+#else
+  float out[MX][R] = {};
+#endif
+  for (int64_t k = kv; k < K; ++k)  // the tail (and everything without AVX2)
+    for (int m = 0; m < MX; ++m)
+      for (int r = 0; r < R; ++r) out[m][r] += bf16_to_float(w[r * K + k]) * x[m * K + k];
+  for (int m = 0; m < MX; ++m)
+    for (int r = 0; r < R; ++r) y[m * N + r] = out[m][r];
+}
+
+template <int R>
+void rows_of_x(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) block<R, 4>(x + m * K, w, y + m * N, K, N);
+  switch (M - m) {
+    case 3: block<R, 3>(x + m * K, w, y + m * N, K, N); break;
+    case 2: block<R, 2>(x + m * K, w, y + m * N, K, N); break;
+    case 1: block<R, 1>(x + m * K, w, y + m * N, K, N); break;
+    default: break;
+  }
+}
+
+at::Tensor bf16_gemv(const at::Tensor& x_in, const at::Tensor& w) {
+  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2, "bf16_gemv: x (M, K) and w (N, K)");
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.device().is_cpu(),
+              "bf16_gemv: w must be a contiguous bfloat16 CPU tensor");
+  TORCH_CHECK(x_in.size(1) == w.size(1), "bf16_gemv: x has ", x_in.size(1), " features, w ", w.size(1));
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  const int64_t blocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
+  // about 64 KB of weights per task at least: thread start-up stays small against the streaming
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, K * kRowsPerBlock));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kRowsPerBlock;
+      const int64_t rows = std::min(kRowsPerBlock, N - n0);
+      const uint16_t* wb = wp + n0 * K;
+      float* yb = yp + n0;
+      switch (rows) {
+        case 4: rows_of_x<4>(xp, wb, yb, M, K, N); break;
+        case 3: rows_of_x<3>(xp, wb, yb, M, K, N); break;
+        case 2: rows_of_x<2>(xp, wb, yb, M, K, N); break;
+        default: rows_of_x<1>(xp, wb, yb, M, K, N); break;
+      }
+    }
+  });
+  return y;
+}
+
+int64_t simd_lanes() { return kLanes; }
+
+}  // namespace
+
+TORCH_LIBRARY(phi3v_native, m) {
+  m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor", &bf16_gemv);
+  m.def("simd_lanes() -> int", &simd_lanes);
+}

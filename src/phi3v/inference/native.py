@@ -1,0 +1,106 @@
+"""phi3v's own C++ CPU kernels (`csrc/*.cpp`: the bf16 GEMV, the int4 x int8 GEMM), compiled on first use for this CPU (-march=native) with
+PyTorch's extension builder and cached under ~/.cache/phi3v/kernels (one build per source, torch version and CPU
+kind); later processes load the cached library in milliseconds. Where no compiler or ninja is found, or the build
+fails, `ops()` is None, PyTorch's own kernels run instead and a warning says so once. PHI3V_NATIVE=0 turns the
+kernels off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..hardware import cpu_flags
+
+SOURCES = (Path(__file__).with_name("csrc") / "gemv.cpp", Path(__file__).with_name("csrc") / "int4.cpp")
+LIBRARY = "phi3v_native"
+# -fopenmp: at::parallel_for is inlined into the library and runs on OpenMP (PyTorch's own libgomp.so.1, already
+# loaded by the process, serves it); without it every kernel would run on one thread
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "phi3v" / "kernels"
+
+
+def build_key() -> str:
+    """What the compiled library depends on: the source, torch, the compiler target (this CPU's flags)."""
+    h = hashlib.sha256()
+    for source in SOURCES:
+        h.update(source.read_bytes())
+    h.update(torch.__version__.encode())
+    h.update(" ".join(CFLAGS).encode())
+    h.update(platform.machine().encode())
+    h.update(" ".join(sorted(cpu_flags() or ())).encode())
+    return h.hexdigest()[:16]
+
+
+def _ninja_on_path() -> None:
+    """The `ninja` wheel's binary, for a process started without its venv's bin on PATH."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+
+
+@functools.cache
+def ops():
+    """torch.ops.phi3v_native with the compiled kernels, or None (then said once, as a RuntimeWarning)."""
+    if os.environ.get("PHI3V_NATIVE", "1") == "0":
+        return None
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return _unavailable(f"the kernels are written for x86-64, this is {platform.machine()}")
+    try:
+        from torch.utils import cpp_extension
+
+        _ninja_on_path()
+        where = cache_root() / build_key()
+        where.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cpp_extension.load(name=f"{LIBRARY}_{build_key()}", sources=[str(s) for s in SOURCES], build_directory=str(where),
+                               extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        return getattr(torch.ops, LIBRARY)
+    except Exception as e:  # no compiler, no ninja, a failed build: PyTorch's kernels run instead
+        return _unavailable(f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}")
+
+
+def _unavailable(why: str) -> None:
+    warnings.warn(f"phi3v: its C++ CPU kernels are unavailable ({why}); PyTorch's kernels run instead (slower "
+                  "bfloat16 decode)", RuntimeWarning, stacklevel=3)
+    return None
+
+
+def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """x (M, K) @ weight (N, K).T in float32 for a bfloat16 weight, or None without the kernels."""
+    lib = ops()
+    return None if lib is None else lib.bf16_gemv(x, weight)
+
+
+def int4_pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """The checkpoint's int4 weight, uint8 (N, K/2), in the int4 GEMM's layout (N/16, K/8, 64), or None."""
+    lib = ops()
+    return None if lib is None else lib.int4_pack(weight)
+
+
+def int4_scales(scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """(K/G, N, 2) scale, zero -> float32 (K/G, 2, N) scale, zero - 8 * scale: the int4 GEMM's per-group terms."""
+    s, z = scales_and_zeros.float().unbind(-1)
+    return torch.stack([s, z - 8 * s], dim=1).contiguous()
+
+
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x (M, K) @ the int4 weight's dequantized (N, K).T -> float32 (M, N), activations quantized to int8 per row."""
+    return ops().int4_matmul(x, packed, sz, group_size)

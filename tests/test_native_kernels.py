@@ -1,0 +1,179 @@
+"""phi3v's C++ CPU kernels (phi3v.inference.native): compiled on first use and cached, values against float64,
+every tail of K and N, and the PyTorch fallback when they are off."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phi3v.inference import kernels, native
+from phi3v.inference.kernels import NATIVE_MAX_ROWS, BF16Linear
+
+needs_native = pytest.mark.skipif(native.ops() is None, reason="phi3v's C++ kernels could not be built here")
+
+
+@needs_native
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("K,N", [(1, 1), (15, 3), (16, 4), (17, 5), (100, 37), (3072, 64)])
+def test_bf16_gemv_is_float32_exact_products(M, K, N):
+    """Every tail: K not a multiple of the SIMD width, N not of the 4-row blocks, M not of the 4-row passes."""
+    g = torch.Generator().manual_seed(M * 1000 + K + N)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g).to(torch.bfloat16)
+    exact = x.double() @ w.double().T
+    got = native.bf16_gemv(x, w)
+    assert got.dtype == torch.float32 and got.shape == (M, N)
+    # float32 sums of exact products: a few float32 ulps of the sum of magnitudes
+    bound = (x.double().abs() @ w.double().abs().T) * 2e-6 + 1e-30
+    assert ((got.double() - exact).abs() <= bound).all()
+    assert torch.equal(native.bf16_gemv(x.to(torch.bfloat16), w), native.bf16_gemv(x.to(torch.bfloat16).float(), w))
+
+
+@needs_native
+def test_bf16_gemv_checks_its_inputs():
+    w = torch.randn(8, 16).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="features"):
+        native.bf16_gemv(torch.randn(1, 15), w)
+    with pytest.raises(RuntimeError, match="contiguous bfloat16"):
+        native.bf16_gemv(torch.randn(1, 8), w.T)
+    with pytest.raises(RuntimeError, match="contiguous bfloat16"):
+        native.bf16_gemv(torch.randn(1, 16), w.float())
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 3, NATIVE_MAX_ROWS, NATIVE_MAX_ROWS + 1])
+def test_bf16_linear_takes_the_native_kernel_for_a_few_rows(rows, monkeypatch):
+    lin = nn.Linear(96, 40, bias=True).to(torch.bfloat16)
+    layer = BF16Linear.from_linear(lin, "avx512_bf16")
+    x = torch.randn(2, rows, 96).to(torch.bfloat16)
+    calls = []
+    real = native.bf16_gemv
+    monkeypatch.setattr(native, "bf16_gemv", lambda a, b: calls.append(a.shape) or real(a, b))
+    with torch.no_grad():
+        got = layer(x)
+    assert bool(calls) == (2 * rows <= NATIVE_MAX_ROWS)
+    if calls:
+        expect = (real(x.reshape(-1, 96), lin.weight) + lin.bias.float()).to(torch.bfloat16).view(2, rows, 40)
+        assert torch.equal(got, expect)
+    exact = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    assert ((got.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-2).all()
+
+
+@needs_native
+def test_with_grad_the_layer_runs_f_linear():
+    """The C++ kernel has no backward: a training forward keeps PyTorch's differentiable kernels."""
+    lin = nn.Linear(32, 8).to(torch.bfloat16)
+    layer = BF16Linear.from_linear(lin, "avx512_bf16")
+    x = torch.randn(1, 32).to(torch.bfloat16).requires_grad_()
+    layer(x).sum().backward()
+    assert x.grad is not None and lin.weight.grad is not None
+
+
+def test_off_runs_pytorch_and_a_failed_build_says_so_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("PHI3V_NATIVE", "0")
+    native.ops.cache_clear()
+    try:
+        assert native.ops() is None and native.bf16_gemv(torch.randn(1, 4), torch.randn(2, 4).bfloat16()) is None
+        lin = nn.Linear(16, 4).to(torch.bfloat16)
+        x = torch.randn(1, 16).to(torch.bfloat16)
+        assert torch.equal(BF16Linear.from_linear(lin, "avx512_bf16")(x), F.linear(x, lin.weight, lin.bias))
+        monkeypatch.setenv("PHI3V_NATIVE", "1")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        native.ops.cache_clear()
+        monkeypatch.setattr(native, "SOURCES", (native.SOURCES[0].with_name("missing.cpp"),))
+        monkeypatch.setattr(native, "build_key", lambda: "missing")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert native.ops() is None and native.ops() is None  # cached: said once
+        said = [w for w in caught if "C++ CPU kernels are unavailable" in str(w.message)]
+        assert len(said) == 1 and said[0].category is RuntimeWarning
+    finally:
+        native.ops.cache_clear()
+
+
+def test_the_build_is_cached_and_another_process_loads_it():
+    """A second process finds the library built for this source, torch and CPU and loads it without compiling."""
+    code = "from phi3v.inference import native; print(native.ops() is not None)"
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    if first[0] != "True":
+        pytest.skip("phi3v's C++ kernels could not be built here")
+    built = sorted((native.cache_root() / native.build_key()).glob("*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert again[0] == "True" and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+
+# ---------------------------------------------------------------- int4 x int8 GEMM
+
+def int4_case(N, K, G, seed):
+    from phi3v.quant.layers import quantize_int4
+
+    g = torch.Generator().manual_seed(seed)
+    return quantize_int4(0.05 * torch.randn(N, K, generator=g), G, torch.bfloat16)
+
+
+def int4_reference(x, q, sz, G):
+    """The kernel's arithmetic in float64: rows rounded to int8 (127 levels over their largest magnitude), times
+    the dequantized weight."""
+    from phi3v.quant.layers import dequantize_int4
+
+    amax = x.double().abs().amax(1, keepdim=True)
+    xq = torch.where(amax > 0, (x.double() / amax * 127).round() * amax / 127, 0.0)
+    return xq @ dequantize_int4(q, sz, G).double().T
+
+
+@needs_native
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 64])
+@pytest.mark.parametrize("N,K,G", [(16, 32, 32), (48, 64, 32), (32, 256, 128), (80, 192, 64)])
+def test_int4_matmul_is_int8_rows_times_the_dequantized_weight(M, N, K, G):
+    """Odd and even numbers of 16-column blocks, every row tail, every group size; against float64."""
+    q, sz = int4_case(N, K, G, seed=M + N + K)
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, K, generator=g)
+    x[0, 3] = 9.0  # an outlier: its row's scale only
+    got = native.int4_matmul(x, native.int4_pack(q), native.int4_scales(sz), G)
+    ref = int4_reference(x, q, sz, G)
+    assert got.dtype == torch.float32 and got.shape == (M, N)
+    assert ((got.double() - ref).abs() <= ref.abs().amax() * 1e-5 + 1e-6).all()
+    assert torch.equal(native.int4_matmul(torch.zeros(M, K), native.int4_pack(q), native.int4_scales(sz), G),
+                       torch.zeros(M, N))
+
+
+@needs_native
+def test_int4_pack_layout():
+    """Byte 4c + j of unit u: column c's input 8u + j in the low nibble, 8u + 4 + j in the high one."""
+    N, K = 16, 16
+    vals = torch.arange(N * K).reshape(N, K) % 16
+    weight = (vals[:, 0::2] | (vals[:, 1::2] << 4)).to(torch.uint8)
+    packed = native.int4_pack(weight)
+    assert packed.shape == (1, 2, 64)
+    for u in range(2):
+        for c in range(16):
+            for j in range(4):
+                byte = int(packed[0, u, 4 * c + j])
+                assert byte & 15 == vals[c, 8 * u + j] and byte >> 4 == vals[c, 8 * u + 4 + j]
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        native.int4_pack(weight[:8])
+
+
+@needs_native
+def test_int4_layer_runs_the_native_kernel_and_its_checkpoint_weight_is_kept():
+    from phi3v.quant.layers import WeightOnlyInt4Linear, dequantize_int4
+
+    lin = nn.Linear(256, 64, bias=True).to(torch.bfloat16)
+    layer = WeightOnlyInt4Linear.from_linear(lin, group_size=64)
+    assert layer.packed_for == "native" and layer.weight.shape == (64, 128)
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    expect = native.int4_matmul(x, layer.packed, layer.native_sz, 64).to(torch.bfloat16) + layer.bias
+    assert torch.equal(layer(x), expect)
+    ref = int4_reference(x.float(), layer.weight, layer.scales_and_zeros, 64) + layer.bias.double()
+    assert ((layer(x).double() - ref).abs() <= ref.abs().amax() * 2**-6).all()  # the output's and the bias's bf16 roundings
+    w = dequantize_int4(layer.weight, layer.scales_and_zeros, 64)
+    assert ((w - lin.weight.float()).abs() <= layer.scales_and_zeros[..., 0].float().T.repeat_interleave(64, 1)).all()
