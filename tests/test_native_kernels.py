@@ -174,6 +174,45 @@ def test_int4_layer_runs_the_native_kernel_and_its_checkpoint_weight_is_kept():
     expect = native.int4_matmul(x, layer.packed, layer.native_sz, 64).to(torch.bfloat16) + layer.bias
     assert torch.equal(layer(x), expect)
     ref = int4_reference(x.float(), layer.weight, layer.scales_and_zeros, 64) + layer.bias.double()
-    assert ((layer(x).double() - ref).abs() <= ref.abs().amax() * 2**-6).all()  # the output's and the bias's bf16 roundings
+    assert ((layer(x).double() - ref).abs() <= ref.abs().amax() * 2**-6).all()  # the output's and bias's roundings
     w = dequantize_int4(layer.weight, layer.scales_and_zeros, 64)
-    assert ((w - lin.weight.float()).abs() <= layer.scales_and_zeros[..., 0].float().T.repeat_interleave(64, 1)).all()
+    step = layer.scales_and_zeros[..., 0].float().T.repeat_interleave(64, 1)
+    assert ((w - lin.weight.float()).abs() <= step).all()
+
+
+# ---------------------------------------------------------------- row scaling around fbgemm's int8 GEMM
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K", [2, 17, 64, 1000])
+def test_scale_rows_in_and_out(dtype, K):
+    g = torch.Generator().manual_seed(K)
+    x = (torch.randn(5, K, generator=g) * torch.tensor([1.0, 100.0, 1e-3, 0.0, 3.0])[:, None]).to(dtype)
+    z, amax = native.ops().scale_rows_in(x, 0.99)
+    x32 = x.float()
+    expect_amax = x32.abs().amax(1).clamp(min=torch.finfo(torch.float32).tiny)
+    assert torch.equal(amax, expect_amax)
+    assert z.shape == (6, K) and torch.equal(z[5, :2], torch.tensor([-1.0, 1.0])) and not z[5, 2:].any()
+    ref = x32 * (0.99 / expect_amax.double()).float()[:, None]
+    assert torch.allclose(z[:5], ref, rtol=2e-7, atol=0) and z[:5].abs().max() <= 0.99 * (1 + 1e-7)
+    y = torch.randn(6, 7, generator=g)
+    f = torch.rand(5, generator=g)
+    out = native.ops().scale_rows_out(y, f, dtype)
+    assert out.dtype == dtype and torch.equal(out, (y[:5] * f[:, None]).to(dtype))
+
+
+@needs_native
+def test_the_8_bit_int8_gemm_is_the_same_with_and_without_the_native_row_scaling(monkeypatch):
+    from phi3v.quant import cpu_int8
+    from phi3v.quant.layers import quantize_int8
+
+    g = torch.Generator().manual_seed(0)
+    q, s = quantize_int8(0.2 * torch.randn(48, 96, generator=g), torch.bfloat16)
+    packed = cpu_int8.prepack(q, s)
+    x = torch.randn(9, 96, generator=g).to(torch.bfloat16)
+    fast = cpu_int8.matmul(x, packed, 8, torch.bfloat16)
+    monkeypatch.setattr(cpu_int8.native, "ops", lambda: None)
+    plain = cpu_int8.matmul(x, packed, 8, torch.bfloat16)
+    assert fast.dtype == plain.dtype == torch.bfloat16
+    # the same 8-bit grid; a row scale rounded differently may move a tie by one level
+    assert ((fast.float() - plain.float()).abs() <= plain.float().abs().amax() * 2e-3).all()

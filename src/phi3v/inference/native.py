@@ -1,4 +1,5 @@
-"""phi3v's own C++ CPU kernels (`csrc/*.cpp`: the bf16 GEMV, the int4 x int8 GEMM), compiled on first use for this CPU (-march=native) with
+"""phi3v's own C++ CPU kernels (`csrc/*.cpp`: the bf16 GEMV, the int4 x int8 GEMM, the row scaling around
+fbgemm's int8 GEMM), compiled on first use for this CPU (-march=native) with
 PyTorch's extension builder and cached under ~/.cache/phi3v/kernels (one build per source, torch version and CPU
 kind); later processes load the cached library in milliseconds. Where no compiler or ninja is found, or the build
 fails, `ops()` is None, PyTorch's own kernels run instead and a warning says so once. PHI3V_NATIVE=0 turns the
@@ -19,7 +20,7 @@ import torch
 
 from ..hardware import cpu_flags
 
-SOURCES = (Path(__file__).with_name("csrc") / "gemv.cpp", Path(__file__).with_name("csrc") / "int4.cpp")
+SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("gemv.cpp", "int4.cpp", "rows.cpp"))
 LIBRARY = "phi3v_native"
 # -fopenmp: at::parallel_for is inlined into the library and runs on OpenMP (PyTorch's own libgomp.so.1, already
 # loaded by the process, serves it); without it every kernel would run on one thread
@@ -70,8 +71,9 @@ def ops():
         where.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cpp_extension.load(name=f"{LIBRARY}_{build_key()}", sources=[str(s) for s in SOURCES], build_directory=str(where),
-                               extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+            cpp_extension.load(name=f"{LIBRARY}_{build_key()}", sources=[str(s) for s in SOURCES],
+                               build_directory=str(where), extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                               is_python_module=False, verbose=False)
         return getattr(torch.ops, LIBRARY)
     except Exception as e:  # no compiler, no ninja, a failed build: PyTorch's kernels run instead
         return _unavailable(f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}")

@@ -62,7 +62,12 @@ class CLIPAttention(nn.Module):
         B, T, C = x.shape
         hd = C // self.n_head
         q, k, v = (p(x).view(B, T, self.n_head, hd).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hd), no mask: every token sees every token
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+            # PyTorch's CPU flash attention runs 1.5x slower in bf16 than in float32 (5 crops of 577 tokens, 16
+            # heads: 60 vs 40 ms, 2 threads); float32 is also the more accurate
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(x.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hd), no mask: every token sees every token
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 

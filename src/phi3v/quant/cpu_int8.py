@@ -19,6 +19,7 @@ import warnings
 import torch
 
 from ..hardware import cpu_flags
+from ..inference import native
 
 ENGINE = "fbgemm"
 VNNI = ("avx512_vnni", "avx_vnni")  # dot products of u8 x s8 without the int16 saturation of vpmaddubsw
@@ -77,22 +78,28 @@ def unpack(packed) -> tuple[torch.Tensor, torch.Tensor]:
 _PIN = torch.tensor([-1.0, 1.0])
 
 
-def matmul(x2d: torch.Tensor, packed, bits: int = 16) -> torch.Tensor:
-    """(M, K) float @ the packed int8 weight's dequantized (N, K).T -> float32 (M, N); K >= 2. `bits` 16: each row
-    goes in as its 8-bit rounding plus the remainder (about 16-bit activations, twice the rows); 8: the 8-bit
+def matmul(x2d: torch.Tensor, packed, bits: int = 16, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(M, K) float @ the packed int8 weight's dequantized (N, K).T -> (M, N) of out_dtype; K >= 2. `bits` 16: each
+    row goes in as its 8-bit rounding plus the remainder (about 16-bit activations, twice the rows); 8: the 8-bit
     rounding alone (per-row scales, as llama.cpp's Q8_0 activations per block of 32: about 0.4% of a row's largest
-    value per element; a third of the time at prefill sizes)."""
+    value per element; a third of the time at prefill sizes). The 8-bit path scales rows in and out with phi3v's
+    C++ kernels where they are built (one pass each way)."""
     M, K = x2d.shape
     qmax = 127 if reduce_range() else 255
     step = 2 / qmax  # fbgemm's grid over [-1, 1]: k * step for integer k
     top = (qmax - 1) // 2 * step  # rows are scaled into [-top, top], whose rounding stays on that grid
+    if bits == 8 and native.ops() is not None:
+        z, amax = native.ops().scale_rows_in(x2d, top)
+        y = torch.ops.quantized.linear_dynamic(z, packed, reduce_range())
+        return native.ops().scale_rows_out(y, amax.mul_(1 / top), out_dtype)
     x = x2d.float()
     amax = x.abs().amax(1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
     if bits == 8:
         z = torch.empty(M + 1, K)
         torch.mul(x, top / amax, out=z[:M])  # fbgemm rounds these to its grid: the 8-bit activations
         z[M].zero_()[:2] = _PIN  # pins fbgemm's range, and so its grid
-        return torch.ops.quantized.linear_dynamic(z, packed, reduce_range())[:M].mul_(amax / top)
+        y = torch.ops.quantized.linear_dynamic(z, packed, reduce_range())[:M].mul_(amax / top)
+        return y.to(out_dtype)
     if bits != 16:
         raise ValueError(f"activation bits must be 8 or 16, not {bits!r}")
     z = torch.empty(2 * M + 1, K)
@@ -101,4 +108,4 @@ def matmul(x2d: torch.Tensor, packed, bits: int = 16) -> torch.Tensor:
     z[:M].sub_(z[M:2 * M]).mul_(qmax - 1)  # the remainder (within +-step/2) scaled up to +-top
     z[2 * M].zero_()[:2] = _PIN
     y = torch.ops.quantized.linear_dynamic(z, packed, reduce_range())  # (2M + 1, N)
-    return y[M:2 * M].add_(y[:M], alpha=1 / (qmax - 1)).mul_(amax / top)
+    return y[M:2 * M].add_(y[:M], alpha=1 / (qmax - 1)).mul_(amax / top).to(out_dtype)

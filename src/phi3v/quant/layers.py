@@ -30,10 +30,11 @@ SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 INT4_N_MULTIPLE = 16  # the CPU int4 kernel packs output channels in blocks of 16 (CUDA's needs 8)
 SMALL_M = 4  # CPU kernels other than bf16 are scalar loops (CUDA's int8 one is a thread per output): decode sizes only
-# Activation bits of the half-precision CPU int8 layers' fbgemm GEMM (cpu_int8.matmul): the decoder keeps ~16-bit
-# activations (decode is bound by the weights' bandwidth, where the second pass costs little); the vision tower and
-# projector, hundreds of rows per crop, go 8-bit (3x the float32 GEMM's speed there, against 1.2x with 16 bits).
-DECODER_ACTIVATION_BITS = 16
+# Activation bits of the half-precision CPU int8 layers' fbgemm GEMM (cpu_int8.matmul): 8, each row rounded with its
+# own scale (llama.cpp's Q8_0 rounds its activations to 8 bits too, per block of 32): at one row 1.4x and at prefill
+# sizes 2.5x the speed of the ~16-bit variant (two passes), for about twice its KL to the bf16 model
+# (benchmarks/quant_quality.py). The same for every row count, so a row's result never depends on its batch.
+DECODER_ACTIVATION_BITS = 8
 VISION_ACTIVATION_BITS = 8
 # Without fbgemm (MoE experts, builds without it): from this many rows on, float32 GEMM over weight blocks upcast on
 # the fly beats the int8 x bf16 kernel (K 3072 -> N 8192, one thread: 256 rows 133 vs 201 ms, 773 rows 304 vs 614 ms)
@@ -144,7 +145,7 @@ class WeightOnlyInt8Linear(QuantizedLinear):
                  fbgemm: bool = True, activation_bits: int = DECODER_ACTIVATION_BITS):
         super().__init__(in_features, out_features, bias, dtype, device)
         self.fbgemm = fbgemm  # whether pack() builds fbgemm's packed copy (half-precision CPU layers)
-        self.activation_bits = activation_bits  # of that GEMM: 16 (decoder) or 8 (vision tower, projector)
+        self.activation_bits = activation_bits  # of that GEMM: 8, or 16 (cpu_int8.matmul)
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
 
@@ -167,7 +168,7 @@ class WeightOnlyInt8Linear(QuantizedLinear):
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         packed = getattr(self, "packed", None)
         if packed is not None and x2d.device.type == "cpu" and self.weight.device.type == "cpu":
-            return cpu_int8.matmul(x2d, packed, self.activation_bits).to(x2d.dtype)
+            return cpu_int8.matmul(x2d, packed, self.activation_bits, x2d.dtype)
         return int8_matmul(x2d, self.weight, self.scales)
 
     def _load_from_state_dict(self, *args, **kwargs):
