@@ -15,7 +15,8 @@ from torch import nn
 
 from phi3v.checkpoint.load import load_causal_lm
 from phi3v.checkpoint.quantized import quantize_checkpoint
-from phi3v.checkpoint.safetensors import SafetensorsFile, release_pages, save_file
+from phi3v.checkpoint.safetensors import SafetensorsFile, save_file
+from phi3v.hardware import release_pages
 from phi3v.models import config_from_dict
 from phi3v.quant import cpu_int8
 from phi3v.quant.layers import (

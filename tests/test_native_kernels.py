@@ -1,4 +1,4 @@
-"""phi3v's C++ CPU kernels (phi3v.inference.native): compiled on first use and cached, values against float64,
+"""phi3v's C++ CPU kernels (phi3v.quant.native): compiled on first use and cached, values against float64,
 every tail of K and N, and the PyTorch fallback when they are off."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phi3v.inference import kernels, native
 from phi3v.inference.kernels import NATIVE_MAX_ROWS, BF16Linear
+from phi3v.quant import native
 
 needs_native = pytest.mark.skipif(native.ops() is None, reason="phi3v's C++ kernels could not be built here")
 
@@ -99,7 +99,7 @@ def test_off_runs_pytorch_and_a_failed_build_says_so_once(monkeypatch, tmp_path)
 
 def test_the_build_is_cached_and_another_process_loads_it():
     """A second process finds the library built for this source, torch and CPU and loads it without compiling."""
-    code = "from phi3v.inference import native; print(native.ops() is not None)"
+    code = "from phi3v.quant import native; print(native.ops() is not None)"
     first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     if first[0] != "True":
         pytest.skip("phi3v's C++ kernels could not be built here")

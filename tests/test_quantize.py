@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 import phi3v.api
-from phi3v.inference import native
+from phi3v.quant import native
 from phi3v.models import config_from_dict
 from phi3v.errors import CheckpointError, InputError
 from phi3v.processing.image import ImageProcessor

@@ -1,10 +1,12 @@
-"""What this machine's CPU can do, read once from /proc/cpuinfo: the one place phi3v asks about CPU features; and
-the C heap's trim, for long-running processes."""
+"""What this machine's CPU can do, read once from /proc/cpuinfo: the one place phi3v asks about CPU features; the C
+heap's trim, for long-running processes; and giving back the pages of memory-mapped files whose tensors were copied."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import mmap
+import weakref
 
 NATIVE_BF16 = ("avx512_bf16", "amx_bf16")  # bfloat16 dot products in hardware
 AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")  # what PyTorch's AVX512 kernels need
@@ -61,3 +63,32 @@ def trim_heap() -> bool:
         return False
     trim(0)
     return True
+
+
+_MAPS: list[tuple[int, int, weakref.ref]] = []  # (address, length, the mmap) of the files registered below
+
+
+def register_file_map(m: mmap.mmap, base: int) -> None:
+    """Record a private, never written file mapping (checkpoint.safetensors maps checkpoints so) at address base."""
+    _MAPS[:] = [e for e in _MAPS if e[2]() is not None]
+    _MAPS.append((base, len(m), weakref.ref(m)))
+
+
+def release_pages(t) -> int:
+    """Give back the resident pages of a CPU tensor that is a view of a registered file mapping, once a copy of it is
+    what runs (the int8 / int4 layers' packed weights): the file's pages would otherwise count twice in memory. The
+    tensor stays valid: a later read (saving, LoRA) pages it in again from the file. Returns the bytes released; 0
+    for any other tensor (nothing is done to it)."""
+    if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+        return 0
+    ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+    for base, length, ref in _MAPS:
+        m = ref()
+        if m is not None and base <= ptr and ptr + nbytes <= base + length:
+            page = mmap.PAGESIZE
+            start = -(-(ptr - base) // page) * page  # whole pages inside the tensor: its neighbours keep theirs
+            end = (ptr - base + nbytes) // page * page
+            if end > start:
+                m.madvise(mmap.MADV_DONTNEED, start, end - start)
+            return max(0, end - start)
+    return 0

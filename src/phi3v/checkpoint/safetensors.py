@@ -7,12 +7,12 @@ import json
 import math
 import mmap
 import os
-import weakref
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError
+from ..hardware import register_file_map
 from ..models.config import read_json
 
 SAFETENSORS_DTYPES = {
@@ -38,7 +38,7 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else b""
                 if self._map:
-                    _register(self._map)
+                    register_file_map(self._map, torch.frombuffer(self._map, dtype=torch.uint8, count=1).data_ptr())
         except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd numbers or nesting
             raise CheckpointError(f"{path} is not a safetensors file (bad header: {type(e).__name__})") from e
         if not isinstance(header, dict):
@@ -63,35 +63,6 @@ class SafetensorsFile:
             return torch.empty(shape, dtype=dtype)
         t = torch.frombuffer(self._map, dtype=dtype, count=(end - start) // dtype.itemsize, offset=self.offset + start)
         return t.view(shape)
-
-
-_MAPS: list[tuple[int, int, weakref.ref]] = []  # (address, length, the mmap) of every file mapped by SafetensorsFile
-
-
-def _register(m: mmap.mmap) -> None:
-    base = torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr()
-    _MAPS[:] = [e for e in _MAPS if e[2]() is not None]
-    _MAPS.append((base, len(m), weakref.ref(m)))
-
-
-def release_pages(t: torch.Tensor) -> int:
-    """Give back the resident pages of a tensor that is a view of a mapped safetensors file, when a copy of it is
-    what the model runs (the int8 layers' packed weight): the file's pages would otherwise count twice in memory.
-    The tensor stays valid: the mapping is private and never written, so a later read (saving, LoRA) pages it in
-    again from the file. Returns the bytes released; 0 for any other tensor (nothing is done to it)."""
-    if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
-        return 0
-    ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
-    for base, length, ref in _MAPS:
-        m = ref()
-        if m is not None and base <= ptr and ptr + nbytes <= base + length:
-            page = mmap.PAGESIZE
-            start = -(-(ptr - base) // page) * page  # whole pages inside the tensor: its neighbours keep theirs
-            end = (ptr - base + nbytes) // page * page
-            if end > start:
-                m.madvise(mmap.MADV_DONTNEED, start, end - start)
-            return max(0, end - start)
-    return 0
 
 
 def _check_entry(path: Path, name: str, info, data_size: int) -> None:

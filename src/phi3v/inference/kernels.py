@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hardware import cpu_bf16_matmul
+from ..quant import native
 from ..quant.layers import upcast_linear
-from . import native
 
 UPCAST_MIN_ROWS = 64  # from this many rows on, float32 GEMM (weight upcast on the fly) beats emulated bf16
 # CPU kind -> (torch.mv for one row, rows from which the float32 GEMM runs). Measured with K 3072 -> N 8192, one

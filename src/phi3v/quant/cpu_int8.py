@@ -19,7 +19,7 @@ import warnings
 import torch
 
 from ..hardware import cpu_flags
-from ..inference import native
+from . import native
 
 ENGINE = "fbgemm"
 VNNI = ("avx512_vnni", "avx_vnni")  # dot products of u8 x s8 without the int16 saturation of vpmaddubsw

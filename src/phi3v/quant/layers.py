@@ -3,7 +3,8 @@
 `quantize_model` replaces linear layers (and PhiMoE's stacked experts) in place and returns the spec that
 `checkpoint.quantized.save_quantized` writes to config.json as "quantization"; `checkpoint.load.load_causal_lm` reads
 that spec back, builds the same empty modules on the meta device before its strict load and calls `pack_for_kernels`
-after it.
+after it. The weights are what is quantized; on CPU the half-precision layers' fast kernels also round each input
+row to 8 bits with its own scale (fbgemm's int8 GEMM, phi3v's int4 x int8 one), as llama.cpp's Q8_0 / Q4_0 do.
 
 Notation: N out features, K in features, G group size, M activation rows, E experts.
 Checkpoint layout (device independent; the kernels' own layouts are built after loading, by `pack_for_kernels`):
@@ -19,12 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint.safetensors import release_pages
 from ..errors import CheckpointError, InputError
-from ..hardware import trim_heap
-from ..inference import native
+from ..hardware import release_pages, trim_heap
 from ..models.phimoe import Experts
-from . import cpu_int8
+from . import cpu_int8, native
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)

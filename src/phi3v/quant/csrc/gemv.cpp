@@ -1,4 +1,4 @@
-// phi3v's own CPU kernels, compiled on first use for the CPU at hand (-march=native) and cached (inference/native.py).
+// phi3v's own CPU kernels, compiled on first use for the CPU at hand (-march=native) and cached (quant/native.py).
 //
 // bf16_gemv(x, w) -> y: y = x @ w.T for a few rows (decode, batched decode): x (M, K) float32 or bfloat16, w (N, K)
 // bfloat16 contiguous, y (M, N) float32. Each bf16 weight is widened to float32 exactly (a 16-bit shift) and
