@@ -3,6 +3,7 @@ every tail of K and N, and the PyTorch fallback when they are off."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -216,3 +217,50 @@ def test_the_8_bit_int8_gemm_is_the_same_with_and_without_the_native_row_scaling
     assert fast.dtype == plain.dtype == torch.bfloat16
     # the same 8-bit grid; a row scale rounded differently may move a tie by one level
     assert ((fast.float() - plain.float()).abs() <= plain.float().abs().amax() * 2e-3).all()
+
+
+VARIANT_CHECK = """
+import torch
+from phi3v.quant import native
+from phi3v.quant.layers import dequantize_int4, quantize_int4
+lib = native.ops()
+assert lib is not None, "no build"
+g = torch.Generator().manual_seed(0)
+for M, K, N in ((1, 40, 7), (5, 100, 37), (9, 3072, 20)):
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g).to(torch.bfloat16)
+    bound = (x.double().abs() @ w.double().abs().T) * 2e-6 + 1e-30
+    assert ((lib.bf16_gemv(x, w).double() - x.double() @ w.double().T).abs() <= bound).all(), ("gemv", M, K, N)
+for M, N, K, G in ((1, 16, 32, 32), (6, 48, 256, 128), (9, 80, 192, 64)):
+    q, sz = quantize_int4(0.05 * torch.randn(N, K, generator=g), G, torch.bfloat16)
+    x = torch.randn(M, K, generator=g)
+    amax = x.double().abs().amax(1, keepdim=True)
+    ref = ((x.double() / amax * 127).round() * amax / 127) @ dequantize_int4(q, sz, G).double().T
+    got = lib.int4_matmul(x, native.int4_pack(q), native.int4_scales(sz), G)
+    assert ((got.double() - ref).abs() <= ref.abs().amax() * 1e-5 + 1e-6).all(), ("int4", M, N, K, G)
+x = torch.randn(3, 50, generator=g).to(torch.bfloat16)
+z, amax = lib.scale_rows_in(x, 0.99)
+assert torch.equal(amax, x.float().abs().amax(1)) and torch.allclose(z[:3], x.float() * 0.99 / amax[:, None], rtol=2e-7)
+print("ok", int(lib.simd_lanes()))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("march,needs,lanes", [("haswell", ("avx2", "fma", "bmi2"), 8),
+                                              ("haswell -mavxvnni", ("avx2", "fma", "bmi2", "avx_vnni"), 8),
+                                              ("x86-64", (), 1)])
+def test_the_avx2_and_scalar_variants_compute_the_same(march, needs, lanes, tmp_path):
+    """The kernels built for other targets than this CPU's (AVX2 without AVX-512, with and without AVX-VNNI; no SIMD
+    at all), checked against float64 in a process of their own: the variants an AVX2 laptop or an old machine
+    would run. Each runs where this CPU can execute it."""
+    from phi3v.hardware import cpu_flags
+
+    if native.ops() is None:
+        pytest.skip("phi3v's C++ kernels could not be built here")
+    missing = [f for f in needs if f not in (cpu_flags() or ())]
+    if missing:
+        pytest.skip(f"this CPU cannot run the {march} build (no {', '.join(missing)})")
+    env = dict(os.environ, PHI3V_NATIVE_MARCH=march, XDG_CACHE_HOME=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", VARIANT_CHECK], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["ok", str(lanes)]

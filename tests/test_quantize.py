@@ -73,11 +73,13 @@ def test_int8_linear_is_the_dequantized_matmul(dtype, M, K, N, bias):
     assert q.weight.dtype == torch.int8 and q.scales.dtype == dtype
     w = q.weight.float() * q.scales.float()[:, None]
     assert (w - lin.weight.float()).abs().max() <= q.scales.float().max() / 2 + 1e-6  # rounding error of int8
-    x = torch.randn(2, M, K).to(dtype)
+    x = torch.randn(2, M, K, generator=torch.Generator().manual_seed(K + M)).to(dtype)
     ref = x.float() @ w.T + (lin.bias.float() if bias else 0)
-    assert rel_err(q(x), ref) < (1e-5 if dtype == torch.float32 else 1e-2)
-    assert rel_err(q(x[:, :, :].transpose(0, 1).contiguous().transpose(0, 1)), ref) < 1e-2  # strided input
-    assert rel_err(q(torch.cat([x.new_zeros(2, M, 1), x], -1)[..., 1:]), ref) < 1e-2  # unaligned view
+    # float32: exact; bf16: the output's rounding plus the 8-bit input rows of fbgemm's GEMM (test_cpu_int8 pins those)
+    tol = 1e-5 if dtype == torch.float32 else 2.5e-2
+    assert rel_err(q(x), ref) < tol
+    assert torch.equal(q(x[:, :, :].transpose(0, 1).contiguous().transpose(0, 1)), q(x))  # strided input
+    assert torch.equal(q(torch.cat([x.new_zeros(2, M, 1), x], -1)[..., 1:]), q(x))  # unaligned view
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

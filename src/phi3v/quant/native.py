@@ -23,8 +23,11 @@ from ..hardware import cpu_flags
 SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("gemv.cpp", "int4.cpp", "rows.cpp"))
 LIBRARY = "phi3v_native"
 # -fopenmp: at::parallel_for is inlined into the library and runs on OpenMP (PyTorch's own libgomp.so.1, already
-# loaded by the process, serves it); without it every kernel would run on one thread
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+# loaded by the process, serves it); without it every kernel would run on one thread. PHI3V_NATIVE_MARCH (default
+# native; words after the first are more compiler flags) builds for another target: the tests build haswell (AVX2),
+# haswell -mavxvnni (AVX-VNNI) and x86-64 (scalar) to check those variants.
+MARCH, *EXTRA = os.environ.get("PHI3V_NATIVE_MARCH", "native").split() or ["native"]
+CFLAGS = ["-O3", f"-march={MARCH}", *EXTRA, "-fopenmp"]
 
 
 def cache_root() -> Path:

@@ -19,6 +19,9 @@ namespace {
 
 constexpr int64_t kRowsPerBlock = 4;  // weight rows whose dot products run together (x loads shared)
 constexpr int64_t kMaxX = 4;          // rows of x per pass over a weight block (a block of 4 rows stays in L1)
+// software prefetch, bytes ahead on each weight row: the row streams then reach the memory bandwidth (one row,
+// K 3072 -> N 8192, 2 threads: 2.5 ms against 3.3 ms without)
+constexpr int64_t kPrefetch = 1024;
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -52,13 +55,15 @@ constexpr int64_t kLanes = 1;
 // y[m][n0 + r] for r < R, m < MX: x rows (float32, stride K), weight rows n0.. (bf16, stride K)
 template <int R, int MX>
 void block(const float* x, const uint16_t* w, float* y, int64_t K, int64_t N) {
-  const int64_t kv = K / kLanes * kLanes;
+  const int64_t kv = kLanes == 1 ? 0 : K / kLanes * kLanes;  // SIMD part (none without AVX2); the tail below
 #if defined(__AVX512F__)
   __m512 acc[MX][R];
   for (int m = 0; m < MX; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < kv; k += kLanes) {
     __m512 wv[R];
+    if ((k & 31) == 0)
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + kPrefetch, _MM_HINT_T0);
     for (int r = 0; r < R; ++r) wv[r] = load_bf16x16(w + r * K + k);
     for (int m = 0; m < MX; ++m) {
       __m512 xv = _mm512_loadu_ps(x + m * K + k);
@@ -74,6 +79,8 @@ void block(const float* x, const uint16_t* w, float* y, int64_t K, int64_t N) {
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
   for (int64_t k = 0; k < kv; k += kLanes) {
     __m256 wv[R];
+    if ((k & 31) == 0)
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + kPrefetch, _MM_HINT_T0);
     for (int r = 0; r < R; ++r) wv[r] = load_bf16x8(w + r * K + k);
     for (int m = 0; m < MX; ++m) {
       __m256 xv = _mm256_loadu_ps(x + m * K + k);
@@ -96,7 +103,7 @@ void block(const float* x, const uint16_t* w, float* y, int64_t K, int64_t N) {
 template <int R>
 void rows_of_x(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) block<R, 4>(x + m * K, w, y + m * N, K, N);
+  for (; m + kMaxX <= M; m += kMaxX) block<R, kMaxX>(x + m * K, w, y + m * N, K, N);
   switch (M - m) {
     case 3: block<R, 3>(x + m * K, w, y + m * N, K, N); break;
     case 2: block<R, 2>(x + m * K, w, y + m * N, K, N); break;

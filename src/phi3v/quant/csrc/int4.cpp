@@ -23,6 +23,7 @@ namespace phi3v_int4 {
 constexpr int64_t kCols = 16;  // output columns per unit
 constexpr int64_t kIns = 8;    // inputs per unit
 constexpr int64_t kUnit = 64;  // bytes per unit
+constexpr int64_t kPrefetch = 1024;  // bytes ahead on each stream of units (software prefetch: see gemv.cpp)
 
 // (N, K/2) uint8, input 2j in the low nibble of byte j and 2j+1 in the high one -> (N/16, K/8, 64) uint8
 at::Tensor pack(const at::Tensor& w) {
@@ -93,6 +94,7 @@ void block(const int8_t* xq, const float* a, const int32_t* X, const uint8_t* un
     for (int64_t u = g * per_group; u < (g + 1) * per_group; ++u) {
       __m512i lo[NB], hi[NB];
       for (int b = 0; b < NB; ++b) {
+        _mm_prefetch(reinterpret_cast<const char*>(units + b * stride_nb + u * kUnit) + kPrefetch, _MM_HINT_T0);
         const __m512i v = _mm512_loadu_si512(units + b * stride_nb + u * kUnit);
         lo[b] = _mm512_and_si512(v, low);
         hi[b] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
@@ -131,6 +133,8 @@ void block(const int8_t* xq, const float* a, const int32_t* X, const uint8_t* un
       for (int b = 0; b < 2 * NB; ++b) iacc[m][b] = _mm256_setzero_si256();
     for (int64_t u = g * per_group; u < (g + 1) * per_group; ++u) {
       __m256i lo[2 * NB], hi[2 * NB];
+      for (int b = 0; b < NB; ++b)
+        _mm_prefetch(reinterpret_cast<const char*>(units + b * stride_nb + u * kUnit) + kPrefetch, _MM_HINT_T0);
       for (int b = 0; b < 2 * NB; ++b) {
         const __m256i v = _mm256_loadu_si256(
             reinterpret_cast<const __m256i*>(units + (b / 2) * stride_nb + u * kUnit + (b % 2) * 32));
