@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -264,3 +265,34 @@ def test_the_avx2_and_scalar_variants_compute_the_same(march, needs, lanes, tmp_
     out = subprocess.run([sys.executable, "-c", VARIANT_CHECK], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["ok", str(lanes)]
+
+
+@needs_native
+def test_a_loaded_int4_checkpoint_runs_the_native_kernel_and_keeps_its_file_weights(tmp_path):
+    """A saved int4 checkpoint: every half-precision int4 layer runs the C++ kernel, its checkpoint tensors (whose
+    pages were given back) still equal the file's, and the model's logits match those of a fresh quantization."""
+    import json
+
+    from phi3v.checkpoint.load import load_causal_lm
+    from phi3v.checkpoint.quantized import quantize_checkpoint
+    from phi3v.checkpoint.safetensors import SafetensorsFile
+    from phi3v.models import config_from_dict
+    from phi3v.quant.layers import WeightOnlyInt4Linear, quantize_model
+
+    src = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "phi3v" / "phi35_vision_tiny"
+    q = tmp_path / "q"
+    quantize_checkpoint(src, q, "int4", group_size=32)
+    raw = json.loads((q / "config.json").read_text())
+    model = load_causal_lm(q, config_from_dict(raw), torch.bfloat16, raw=raw)
+    stored = SafetensorsFile(q / "model.safetensors")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, WeightOnlyInt4Linear)]
+    assert layers and all(m.packed_for == "native" for _, m in layers)
+    for name, m in layers:
+        assert torch.equal(m.weight, stored.get(f"{name}.weight"))
+        assert torch.equal(m.scales_and_zeros, stored.get(f"{name}.scales_and_zeros"))
+    raw_src = json.loads((src / "config.json").read_text())
+    fresh = load_causal_lm(src, config_from_dict(raw_src), torch.bfloat16, raw=raw_src)
+    quantize_model(fresh, "int4", group_size=32)
+    ids = torch.tensor([[1, 450, 4996, 17354, 1701, 29916]])
+    with torch.no_grad():
+        assert torch.equal(model(ids)[0], fresh(ids)[0])
