@@ -1,12 +1,12 @@
 """PyTorch's fbgemm int8 GEMM (`quantized::linear_dynamic`, in torch core) for the int8 layers' half-precision CPU
-forward at many rows (prefill, the CLIP tower), where PyTorch's int8 x bf16 kernel is a row-at-a-time loop.
+forward at every row count (decode, prefill, the CLIP tower).
 
-fbgemm quantizes its input per tensor to 8 bits, which alone would cost the weight-only scheme its accuracy (about 1%
-of the output's range). So each input row goes in twice: its 8-bit rounding, on a grid chosen here that fbgemm's own
-quantization reproduces exactly, and that rounding's remainder scaled up by QMAX - 1, together about 16-bit
-activations; one more row, [-1, 1, 0, ...], pins fbgemm's range to [-1, 1] so that its grid is the one chosen here.
-Rows are divided by their own largest magnitude first (per-row scales: an outlier row costs the others nothing).
-Results agree with the dequantized matmul to ~1e-4 of the output's range; the GEMM does twice the rows.
+fbgemm quantizes its input per tensor to 8 bits. Here each row is first divided by its own largest magnitude (per-row
+scales: an outlier row costs the others nothing), and one more row, [-1, 1, 0, ...], pins fbgemm's range to [-1, 1]
+so that its grid is one chosen here: fbgemm's per-tensor rounding is then each row's own 8-bit rounding, and a row's
+result never depends on the other rows (bits=8, what the layers use: llama.cpp's Q8_0 rounds its activations to 8
+bits too, per block of 32). bits=16 also feeds each row's rounding remainder scaled up by QMAX - 1, together about
+16-bit activations, within ~1e-4 of the weight-only matmul for twice the rows.
 
 Notation: M rows, K in features, N out features.
 """
