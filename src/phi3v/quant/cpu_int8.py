@@ -88,10 +88,11 @@ def matmul(x2d: torch.Tensor, packed, bits: int = 16, out_dtype: torch.dtype = t
     qmax = 127 if reduce_range() else 255
     step = 2 / qmax  # fbgemm's grid over [-1, 1]: k * step for integer k
     top = (qmax - 1) // 2 * step  # rows are scaled into [-top, top], whose rounding stays on that grid
-    if bits == 8 and native.ops() is not None:
-        z, amax = native.ops().scale_rows_in(x2d, top)
+    lib = native.ops() if bits == 8 else None
+    if lib is not None:
+        z, amax = lib.scale_rows_in(x2d, top)
         y = torch.ops.quantized.linear_dynamic(z, packed, reduce_range())
-        return native.ops().scale_rows_out(y, amax.mul_(1 / top), out_dtype)
+        return lib.scale_rows_out(y, amax.mul_(1 / top), out_dtype)
     x = x2d.float()
     amax = x.abs().amax(1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
     if bits == 8:

@@ -226,9 +226,9 @@ class WeightOnlyInt4Linear(QuantizedLinear):
         return self.packed_for == "cpu" and (x2d.dtype == torch.bfloat16 or x2d.shape[0] <= SMALL_M)
 
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        if self._op_ok(x2d) and self.packed_for == "native":
-            return native.int4_matmul(x2d, self.packed, self.native_sz, self.group_size).to(x2d.dtype)
         if self._op_ok(x2d):
+            if self.packed_for == "native":
+                return native.int4_matmul(x2d, self.packed, self.native_sz, self.group_size).to(x2d.dtype)
             op = (torch.ops.aten._weight_int4pack_mm_for_cpu if x2d.device.type == "cpu"
                   else torch.ops.aten._weight_int4pack_mm)
             return op(x2d, self.packed, self.group_size, self.scales_and_zeros.to(x2d.dtype))

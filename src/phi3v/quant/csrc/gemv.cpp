@@ -30,24 +30,34 @@ inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
+// The SIMD primitives of one target: a vector of float32 lanes, bf16 weights widened into one, x loaded, FMA, sum.
 #if defined(__AVX512F__)
-inline __m512 load_bf16x16(const uint16_t* p) {
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+using Vec = __m512;
+constexpr int64_t kLanes = 16;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec load_w(const uint16_t* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
-constexpr int64_t kLanes = 16;
+inline Vec load_x(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
 #elif defined(__AVX2__)
-inline __m256 load_bf16x8(const uint16_t* p) {
-  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+using Vec = __m256;
+constexpr int64_t kLanes = 8;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec load_w(const uint16_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
-inline float hsum256(__m256 v) {
+inline Vec load_x(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float hsum(Vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
   return _mm_cvtss_f32(s);
 }
-constexpr int64_t kLanes = 8;
 #else
 constexpr int64_t kLanes = 1;
 #endif
@@ -56,42 +66,23 @@ constexpr int64_t kLanes = 1;
 template <int R, int MX>
 void block(const float* x, const uint16_t* w, float* y, int64_t K, int64_t N) {
   const int64_t kv = kLanes == 1 ? 0 : K / kLanes * kLanes;  // SIMD part (none without AVX2); the tail below
-#if defined(__AVX512F__)
-  __m512 acc[MX][R];
-  for (int m = 0; m < MX; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kv; k += kLanes) {
-    __m512 wv[R];
-    if ((k & 31) == 0)
-      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + kPrefetch, _MM_HINT_T0);
-    for (int r = 0; r < R; ++r) wv[r] = load_bf16x16(w + r * K + k);
-    for (int m = 0; m < MX; ++m) {
-      __m512 xv = _mm512_loadu_ps(x + m * K + k);
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
-    }
-  }
-  float out[MX][R];
-  for (int m = 0; m < MX; ++m)
-    for (int r = 0; r < R; ++r) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
-#elif defined(__AVX2__)
-  __m256 acc[MX][R];
-  for (int m = 0; m < MX; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < kv; k += kLanes) {
-    __m256 wv[R];
-    if ((k & 31) == 0)
-      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + kPrefetch, _MM_HINT_T0);
-    for (int r = 0; r < R; ++r) wv[r] = load_bf16x8(w + r * K + k);
-    for (int m = 0; m < MX; ++m) {
-      __m256 xv = _mm256_loadu_ps(x + m * K + k);
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
-    }
-  }
-  float out[MX][R];
-  for (int m = 0; m < MX; ++m)
-    for (int r = 0; r < R; ++r) out[m][r] = hsum256(acc[m][r]);
-#else
   float out[MX][R] = {};
+#if defined(__AVX512F__) || defined(__AVX2__)
+  Vec acc[MX][R];
+  for (int m = 0; m < MX; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = vzero();
+  for (int64_t k = 0; k < kv; k += kLanes) {
+    Vec wv[R];
+    if ((k & 31) == 0)  // one prefetch per 64-byte line of each weight row
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + kPrefetch, _MM_HINT_T0);
+    for (int r = 0; r < R; ++r) wv[r] = load_w(w + r * K + k);
+    for (int m = 0; m < MX; ++m) {
+      const Vec xv = load_x(x + m * K + k);
+      for (int r = 0; r < R; ++r) acc[m][r] = vfma(wv[r], xv, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MX; ++m)
+    for (int r = 0; r < R; ++r) out[m][r] = hsum(acc[m][r]);
 #endif
   for (int64_t k = kv; k < K; ++k)  // the tail (and everything without AVX2)
     for (int m = 0; m < MX; ++m)
