@@ -73,8 +73,8 @@ def test_grad_accumulation_equals_one_big_batch(text_dir):
         runs.append((rec, model.state_dict()))
     (a, wa), (b, wb) = runs
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+    for k in wa:  # (Adam divides by |grad|: a near-zero gradient's last-bit difference moves its weight by ~1e-6)
+        torch.testing.assert_close(wa[k], wb[k], atol=3e-6, rtol=1e-5)
 
 
 def test_training_forward_equals_model_forward(tiny_phi3):
@@ -89,7 +89,8 @@ def test_training_forward_equals_model_forward(tiny_phi3):
             logits = forward(model, batch)
             for b, s in enumerate(samples):
                 alone = model(torch.tensor([s.ids]))
-                torch.testing.assert_close(logits[b, :len(s.ids)], alone[0], atol=1e-5, rtol=1e-5)
+                # (float32 GEMMs block M differently on AVX2 and AVX-512: a few logits differ by ~1e-5)
+                torch.testing.assert_close(logits[b, :len(s.ids)], alone[0], atol=3e-5, rtol=1e-5)
 
 
 def test_activation_checkpointing_gives_the_same_gradients(text_dir):

@@ -101,9 +101,13 @@ def int4_pack(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 def int4_scales(scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """(K/G, N, 2) scale, zero -> float32 (K/G, 2, N) scale, zero - 8 * scale: the int4 GEMM's per-group terms."""
-    s, z = scales_and_zeros.float().unbind(-1)
-    return torch.stack([s, z - 8 * s], dim=1).contiguous()
+    """(K/G, N, 2) scale, zero -> float32 (N/16, K/G, 2, 16) scale, zero - 8 * scale: the int4 GEMM's per-group
+    terms, each block of 16 output columns' terms contiguous, group after group (one sequential stream beside the
+    block's weights: a (K/G, 2, N) layout made every group a page of its own, 1.2x slower decode on Zen 3)."""
+    s, z = scales_and_zeros.float().unbind(-1)  # (K/G, N) each
+    terms = torch.stack([s, z - 8 * s], dim=1)  # (K/G, 2, N)
+    G_, _, N = terms.shape
+    return terms.view(G_, 2, N // 16, 16).permute(2, 0, 1, 3).contiguous()
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:

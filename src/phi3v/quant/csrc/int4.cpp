@@ -77,11 +77,12 @@ inline int32_t load4(const int8_t* p) {
   return v;
 }
 
-// One block of 16 * NB output columns for MR rows of x: y[m][n0 + ...]. sz: (K/G, 2, N) float32 = scale, zero - 8 scale.
+// One block of 16 * NB output columns for MR rows of x: y[m][n0 + ...]. sz: the first column block's terms,
+// (K/G, 2, 16) float32 per block = scale, zero - 8 scale; the next block's follow (stride_sz floats).
 template <int MR, int NB>
 void block(const int8_t* xq, const float* a, const int32_t* X, const uint8_t* units, const float* sz, float* y,
            int64_t K, int64_t N, int64_t G, int64_t n0) {
-  const int64_t groups = K / G, per_group = G / kIns, stride_nb = (K / kIns) * kUnit;
+  const int64_t groups = K / G, per_group = G / kIns, stride_nb = (K / kIns) * kUnit, stride_sz = groups * 2 * kCols;
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
   const __m512i low = _mm512_set1_epi8(15);
   __m512 facc[MR][NB];
@@ -109,8 +110,8 @@ void block(const int8_t* xq, const float* a, const int32_t* X, const uint8_t* un
       }
     }
     for (int b = 0; b < NB; ++b) {
-      const __m512 s = _mm512_loadu_ps(sz + (g * 2) * N + n0 + b * kCols);
-      const __m512 zz = _mm512_loadu_ps(sz + (g * 2 + 1) * N + n0 + b * kCols);
+      const __m512 s = _mm512_loadu_ps(sz + b * stride_sz + g * 2 * kCols);
+      const __m512 zz = _mm512_loadu_ps(sz + b * stride_sz + g * 2 * kCols + kCols);
       for (int m = 0; m < MR; ++m) {
         facc[m][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m][b]), s, facc[m][b]);
         facc[m][b] = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(X[m * groups + g])), zz, facc[m][b]);
@@ -156,8 +157,9 @@ void block(const int8_t* xq, const float* a, const int32_t* X, const uint8_t* un
       }
     }
     for (int b = 0; b < 2 * NB; ++b) {
-      const __m256 s = _mm256_loadu_ps(sz + (g * 2) * N + n0 + b * 8);
-      const __m256 zz = _mm256_loadu_ps(sz + (g * 2 + 1) * N + n0 + b * 8);
+      const float* t = sz + (b / 2) * stride_sz + g * 2 * kCols + (b % 2) * 8;
+      const __m256 s = _mm256_loadu_ps(t);
+      const __m256 zz = _mm256_loadu_ps(t + kCols);
       for (int m = 0; m < MR; ++m) {
         facc[m][b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m][b]), s, facc[m][b]);
         facc[m][b] = _mm256_fmadd_ps(_mm256_set1_ps(static_cast<float>(X[m * groups + g])), zz, facc[m][b]);
@@ -180,8 +182,8 @@ void block(const int8_t* xq, const float* a, const int32_t* X, const uint8_t* un
             const uint8_t byte = col_units[u * kUnit + 4 * cc + j];
             d += (byte & 15) * xq[m * K + u * kIns + j] + (byte >> 4) * xq[m * K + u * kIns + 4 + j];
           }
-        acc += sz[(g * 2) * N + n0 + c] * static_cast<float>(d) +
-               sz[(g * 2 + 1) * N + n0 + c] * static_cast<float>(X[m * groups + g]);
+        const float* t = sz + (c / kCols) * stride_sz + g * 2 * kCols + cc;
+        acc += t[0] * static_cast<float>(d) + t[kCols] * static_cast<float>(X[m * groups + g]);
       }
       y[m * N + n0 + c] = acc * a[m];
     }
@@ -203,16 +205,16 @@ void columns(const int8_t* xq, const float* a, const int32_t* X, const uint8_t* 
   }
 }
 
-// x (M, K) float32 or bf16, packed (N/16, K/8, 64) uint8, sz (K/G, 2, N) float32 -> y (M, N) float32
+// x (M, K) float32 or bf16, packed (N/16, K/8, 64) uint8, sz (N/16, K/G, 2, 16) float32 -> y (M, N) float32
 at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& sz, int64_t G) {
   TORCH_CHECK(x_in.dim() == 2 && packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "int4_matmul: x (M, K) and the weight packed by int4_pack");
   const int64_t M = x_in.size(0), K = x_in.size(1), N = packed.size(0) * kCols;
   TORCH_CHECK(packed.size(1) * kIns == K, "int4_matmul: x has ", K, " features, the weight ", packed.size(1) * kIns);
   TORCH_CHECK(G % kIns == 0 && K % G == 0, "int4_matmul: group size ", G, " must divide K and be a multiple of 8");
-  TORCH_CHECK(sz.scalar_type() == at::kFloat && sz.is_contiguous() && sz.dim() == 3 && sz.size(0) == K / G &&
-                  sz.size(1) == 2 && sz.size(2) == N,
-              "int4_matmul: sz must be float32 (K/G, 2, N)");
+  TORCH_CHECK(sz.scalar_type() == at::kFloat && sz.is_contiguous() && sz.dim() == 4 && sz.size(0) == N / kCols &&
+                  sz.size(1) == K / G && sz.size(2) == 2 && sz.size(3) == kCols,
+              "int4_matmul: sz must be float32 (N/16, K/G, 2, 16)");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor a = at::empty({M}, x.options());
@@ -232,10 +234,11 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Te
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * 2 * kCols;
       const uint8_t* units = wp + (n0 / kCols) * stride_nb;
+      const float* terms = szp + (n0 / kCols) * (K / G) * 2 * kCols;
       if (t < pairs)
-        columns<2>(xqp, ap, Xp, units, szp, yp, M, K, N, G, n0);
+        columns<2>(xqp, ap, Xp, units, terms, yp, M, K, N, G, n0);
       else
-        columns<1>(xqp, ap, Xp, units, szp, yp, M, K, N, G, n0);
+        columns<1>(xqp, ap, Xp, units, terms, yp, M, K, N, G, n0);
     }
   });
   return y;
