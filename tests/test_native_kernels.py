@@ -222,6 +222,7 @@ def test_the_8_bit_int8_gemm_is_the_same_with_and_without_the_native_row_scaling
 
 VARIANT_CHECK = """
 import torch
+import torch.nn.functional as F
 from phi3v.quant import native
 from phi3v.quant.layers import dequantize_int4, quantize_int4
 lib = native.ops()
@@ -239,6 +240,12 @@ for M, N, K, G in ((1, 16, 32, 32), (6, 48, 256, 128), (9, 80, 192, 64)):
     ref = ((x.double() / amax * 127).round() * amax / 127) @ dequantize_int4(q, sz, G).double().T
     got = lib.int4_matmul(x, native.int4_pack(q), native.int4_scales(sz), G)
     assert ((got.double() - ref).abs() <= ref.abs().amax() * 1e-5 + 1e-6).all(), ("int4", M, N, K, G)
+for B, nh, nkv, S, hd in ((1, 4, 4, 9, 8), (2, 6, 2, 33, 20)):
+    k, v = (torch.randn(B, nkv, S, hd, generator=g).to(torch.bfloat16) for _ in range(2))
+    q = torch.randn(B, nh, 1, hd, generator=g)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=nh != nkv)
+    got = lib.decode_attention(q, k, v, None, hd ** -0.5)
+    assert (got.double() - ref).abs().max() < 2e-6, ("attention", B, nh, nkv, S, hd)
 x = torch.randn(3, 50, generator=g).to(torch.bfloat16)
 z, amax = lib.scale_rows_in(x, 0.99)
 assert torch.equal(amax, x.float().abs().amax(1)) and torch.allclose(z[:3], x.float() * 0.99 / amax[:, None], rtol=2e-7)
@@ -296,3 +303,68 @@ def test_a_loaded_int4_checkpoint_runs_the_native_kernel_and_keeps_its_file_weig
     ids = torch.tensor([[1, 450, 4996, 17354, 1701, 29916]])
     with torch.no_grad():
         assert torch.equal(model(ids)[0], fresh(ids)[0])
+
+
+@needs_native
+@pytest.mark.parametrize("B,nh,nkv,S,hd", [(1, 4, 4, 1, 8), (1, 32, 32, 70, 96), (3, 8, 2, 37, 40), (2, 6, 3, 17, 5)])
+def test_decode_attention_is_float32_attention_on_the_bf16_cache(B, nh, nkv, S, hd):
+    """One query per row against a slice of a longer bf16 cache (the engine's strides), grouped queries, a mask
+    with holes per row and a fully masked row (zeros), head dims that are not a multiple of the SIMD width."""
+    g = torch.Generator().manual_seed(B * 100 + S + hd)
+    cache_k, cache_v = (torch.randn(B, nkv, S + 7, hd, generator=g).to(torch.bfloat16) for _ in range(2))
+    k, v = cache_k[:, :, :S], cache_v[:, :, :S]
+    q = torch.randn(B, nh, 1, hd, generator=g).to(torch.bfloat16)
+    mask = torch.rand(B, 1, 1, S, generator=g) < 0.6
+    mask[:, ..., 0] = True
+    if B == 3:
+        mask[2] = False
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=nh != nkv)
+    ref = torch.nan_to_num(ref, nan=0.0)
+    if B == 3:
+        ref[2] = 0.0
+    got = native.ops().decode_attention(q, k, v, mask, hd ** -0.5)
+    assert got.dtype == torch.float32 and (got.double() - ref).abs().max() < 2e-6
+    assert torch.equal(native.decode_attention(q, k, v, mask), got.to(torch.bfloat16))
+    no_mask = native.ops().decode_attention(q, k, v, None, hd ** -0.5)
+    full = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=nh != nkv)
+    assert (no_mask.double() - full).abs().max() < 2e-6
+
+
+@needs_native
+def test_a_bf16_model_decodes_with_the_kernel_as_with_sdpa(tmp_path, monkeypatch):
+    """phi3v.load installs the kernel; a bf16 decode step takes it in every layer (prefill does not) and its
+    logits equal SDPA's on the same cache to bf16 rounding; float32 caches and gradients keep SDPA."""
+    import phi3v
+    from phi3v.checkpoint.random import create_random
+    from phi3v.inference import kernels
+    from phi3v.models.cache import KVCache
+    from phi3v.models.layers import Attention
+
+    ref_dir = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "Phi-3.5-mini-instruct"
+    create_random(ref_dir, tmp_path / "m", layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, seed=0)
+    m = phi3v.load(tmp_path / "m", dtype="bfloat16").model
+    attn = [x for x in m.modules() if isinstance(x, Attention)]
+    assert len(attn) == 2 and all(a.decode_kernel is kernels._decode_attention for a in attn)
+    calls = []
+    real = native.decode_attention
+    monkeypatch.setattr(native, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    ids = torch.tensor([[5, 17, 300, 9, 41, 2]])
+
+    def decode(kernel):
+        calls.clear()
+        for a in attn:
+            a.decode_kernel = kernels._decode_attention if kernel else None
+        cache = KVCache.for_model(m.config, 1, 16, dtype=torch.bfloat16)
+        with torch.no_grad():
+            m(ids[:, :5], pos=torch.arange(5)[None], cache=cache, kv_len=5)
+            assert not calls  # prefill: SDPA
+            return m(ids[:, 5:], pos=torch.tensor([[5]]), cache=cache, kv_len=6).float()
+
+    fast = decode(True)
+    assert len(calls) == 2
+    slow = decode(False)
+    assert not calls and (fast - slow).abs().max() <= 0.02 * slow.abs().max()
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 6, 16)
+    assert kernels._decode_attention(q, k, k, None) is None  # float32 cache
+    qb, kb = q.bfloat16().requires_grad_(), k.bfloat16()
+    assert kernels._decode_attention(qb, kb, kb, None) is None  # training

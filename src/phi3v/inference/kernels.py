@@ -6,6 +6,10 @@ at a quarter of the float32 speed. With AVX512_BF16 but no AMX, one row is fast 
 0.44-0.63x of float32 GEMM (torch 2.13, measured on a Xeon with avx512_bf16). `BF16Linear` keeps the same bfloat16
 weight (same parameter names, no extra memory) and picks the faster kernel by the number of rows, with thresholds
 per CPU kind (`PLANS`); the results agree with `F.linear` to bfloat16 rounding.
+
+`use_fast_decode_attention` gives the decoders' attention phi3v's C++ kernel for one new token against a bf16 KV
+cache (float32 arithmetic): PyTorch's CPU flash attention spends about 0.3-0.4 ms per layer on it at 64 keys
+(Zen 3, 32 heads), five times the kernel's time.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hardware import cpu_bf16_matmul
+from ..models.layers import Attention
 from ..quant import native
 from ..quant.layers import upcast_linear
 
@@ -76,3 +81,25 @@ def use_fast_bf16_linears(model: nn.Module, kind: str | None = None) -> int:
                 setattr(parent, name, BF16Linear.from_linear(child, kind))
                 swapped += 1
     return swapped
+
+
+def _decode_attention(q, k, v, mask):
+    """native.decode_attention where it applies (CPU, bf16 cache, no gradient, kernels built), else None (SDPA)."""
+    if (q.device.type != "cpu" or k.dtype != torch.bfloat16 or v.dtype != torch.bfloat16 or k.stride(-1) != 1
+            or v.stride(-1) != 1 or (torch.is_grad_enabled() and q.requires_grad)
+            or (mask is not None and (mask.dtype != torch.bool or mask.shape[1:3] != (1, 1)))):
+        return None
+    if mask is not None and mask.shape[0] != q.shape[0]:
+        mask = mask.expand(q.shape[0], -1, -1, -1)
+    return native.decode_attention(q, k, v, mask)
+
+
+def use_fast_decode_attention(model: nn.Module) -> int:
+    """Give every decoder attention (models.layers.Attention) the C++ one-token kernel where the kernels are built;
+    returns how many."""
+    if native.ops() is None:
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    for m in layers:
+        m.decode_kernel = _decode_attention
+    return len(layers)

@@ -32,6 +32,10 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Fused qkv projection (Phi-3). PhiMoE overrides `qkv()` for its separate q/k/v projections."""
 
+    # decode_kernel(q, k, v, mask) -> y or None: a faster attention for one new token per row, installed from
+    # outside the model (phi3v.inference.kernels); None where it does not apply, then SDPA runs
+    decode_kernel = None
+
     def __init__(self, cfg: Phi3Config):
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -56,7 +60,9 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, pos, k, v, kv_len)  # (B, nkv, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
+        y = self.decode_kernel(q, k, v, mask) if T == 1 and self.decode_kernel is not None else None
+        if y is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 

@@ -94,6 +94,12 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     return None if lib is None else lib.bf16_gemv(x, weight)
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one new token per row, q (B, nh, 1, hd), against bf16 k, v (B, nkv, S, hd) (nh a multiple of
+    nkv), mask None or bool (B, 1, 1, S); float32 arithmetic, the result in q's dtype (needs `ops()`)."""
+    return ops().decode_attention(q, k, v, mask, q.shape[-1] ** -0.5).to(q.dtype)
+
+
 def int4_pack(weight: torch.Tensor) -> torch.Tensor | None:
     """The checkpoint's int4 weight, uint8 (N, K/2), in the int4 GEMM's layout (N/16, K/8, 64), or None."""
     lib = ops()
