@@ -38,6 +38,38 @@ def test_bf16_gemv_is_float32_exact_products(M, K, N):
 
 
 @needs_native
+@pytest.mark.parametrize("M,K,N", [(1, 5, 3), (7, 300, 33), (13, 513, 70), (17, 256, 16), (200, 1000, 64),
+                                   (193, 40, 31), (6, 3072, 96)])
+def test_bf16_gemm_is_float32_exact_products(M, K, N):
+    """The many-row kernel: tails of the row tiles (6 or 12), of the 8x8 transposes, of the 256-input panels, of
+    the 16/32-column panels, and more rows than one pass (192)."""
+    g = torch.Generator().manual_seed(M * 7 + K + N)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g).to(torch.bfloat16)
+    got = native.bf16_gemm(x, w)
+    bound = (x.double().abs() @ w.double().abs().T) * 2e-6 + 1e-30
+    assert got.dtype == torch.float32 and ((got.double() - x.double() @ w.double().T).abs() <= bound).all()
+    assert torch.equal(native.bf16_gemm(x.to(torch.bfloat16), w), native.bf16_gemm(x.to(torch.bfloat16).float(), w))
+
+
+@needs_native
+def test_on_avx2_many_rows_take_the_bf16_gemm(monkeypatch):
+    """The "avx2" plan (no AVX-512): above NATIVE_MAX_ROWS rows the layer runs native.bf16_gemm; other plans don't."""
+    lin = nn.Linear(64, 48, bias=True).to(torch.bfloat16)
+    x = torch.randn(3, 20, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    calls = []
+    real = native.bf16_gemm
+    monkeypatch.setattr(native, "bf16_gemm", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        got = BF16Linear.from_linear(lin, "avx2")(x)
+        assert len(calls) == 1
+        expect = (real(x.reshape(60, 64), lin.weight) + lin.bias.float()).to(torch.bfloat16).view(3, 20, 48)
+        assert torch.equal(got, expect)
+        BF16Linear.from_linear(lin, "emulated")(x)
+    assert len(calls) == 1
+
+
+@needs_native
 def test_bf16_gemv_checks_its_inputs():
     w = torch.randn(8, 16).to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="features"):
@@ -233,6 +265,11 @@ for M, K, N in ((1, 40, 7), (5, 100, 37), (9, 3072, 20)):
     w = torch.randn(N, K, generator=g).to(torch.bfloat16)
     bound = (x.double().abs() @ w.double().abs().T) * 2e-6 + 1e-30
     assert ((lib.bf16_gemv(x, w).double() - x.double() @ w.double().T).abs() <= bound).all(), ("gemv", M, K, N)
+for M, K, N in ((1, 40, 7), (13, 300, 37), (200, 520, 20)):
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g).to(torch.bfloat16)
+    bound = (x.double().abs() @ w.double().abs().T) * 2e-6 + 1e-30
+    assert ((lib.bf16_gemm(x, w).double() - x.double() @ w.double().T).abs() <= bound).all(), ("gemm", M, K, N)
 for M, N, K, G in ((1, 16, 32, 32), (6, 48, 256, 128), (9, 80, 192, 64)):
     q, sz = quantize_int4(0.05 * torch.randn(N, K, generator=g), G, torch.bfloat16)
     x = torch.randn(M, K, generator=g)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hardware import cpu_bf16_matmul
+from ..hardware import cpu_bf16_matmul, cpu_flags
 from ..models.layers import Attention
 from ..quant import native
 from ..quant.layers import upcast_linear
@@ -27,7 +27,11 @@ UPCAST_MIN_ROWS = 64  # from this many rows on, float32 GEMM (weight upcast on t
 # CPU kind -> (torch.mv for one row, rows from which the float32 GEMM runs). Measured with K 3072 -> N 8192, one
 # thread: emulated bf16 needs both; with AVX512_BF16 one row is faster through F.linear (6.8 vs 11.3 ms) and the
 # upcast (about 1.2 ns per weight) pays from about 128 rows on (128: 83 vs 86 ms; CLIP's 577 rows: 1.5x).
-PLANS = {"emulated": (True, UPCAST_MIN_ROWS), "avx512_bf16": (False, 256)}
+# "avx2" (emulated bf16 without AVX-512, e.g. AMD Zen 3): PyTorch's float32 GEMM reached only 23-31 G
+# multiply-adds/s on 2 threads there, so from 17 rows on phi3v's own bf16 GEMM runs instead (`GEMM_PLANS`; 128 rows,
+# K 3072 -> N 9216: 83 vs 85-150 ms upcast; 32 rows 41 vs 92 ms)
+PLANS = {"emulated": (True, UPCAST_MIN_ROWS), "avx512_bf16": (False, 256), "avx2": (True, UPCAST_MIN_ROWS)}
+GEMM_PLANS = {"avx2"}  # CPU kinds whose many-row bf16 products run native.bf16_gemm
 # Rows up to which the C++ kernel beats F.linear (same shape, one thread, avx512_bf16: 1 row 5.3 vs 7.6 ms,
 # 8 rows 9.8 vs 11.8, 16 rows 13.6 vs 17.1)
 NATIVE_MAX_ROWS = 16
@@ -38,6 +42,7 @@ class BF16Linear(nn.Linear):
     that is faster) and float32 GEMM for many rows."""
 
     mv_one_row, upcast_min_rows = PLANS["emulated"]
+    native_gemm = False
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, kind: str = "emulated") -> BF16Linear:
@@ -46,14 +51,17 @@ class BF16Linear(nn.Linear):
         new.in_features, new.out_features = lin.in_features, lin.out_features
         new.weight, new.bias = lin.weight, lin.bias
         new.mv_one_row, new.upcast_min_rows = PLANS[kind]
+        new.native_gemm = kind in GEMM_PLANS
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if (0 < rows <= NATIVE_MAX_ROWS and x.device.type == "cpu" and self.weight.is_contiguous()
+        if ((0 < rows <= NATIVE_MAX_ROWS or (rows > 0 and self.native_gemm)) and x.device.type == "cpu"
+                and self.weight.is_contiguous()
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-                and native.ops() is not None):  # (the C++ kernel has no backward)
-            y = native.bf16_gemv(x.reshape(rows, -1), self.weight)
+                and native.ops() is not None):  # (the C++ kernels have no backward)
+            kernel = native.bf16_gemv if rows <= NATIVE_MAX_ROWS else native.bf16_gemm
+            y = kernel(x.reshape(rows, -1), self.weight)
             y = y if self.bias is None else y + self.bias.float()
             return y.to(x.dtype).view(*x.shape[:-1], -1)
         if rows == 1 and self.mv_one_row:
@@ -70,7 +78,10 @@ class BF16Linear(nn.Linear):
 def use_fast_bf16_linears(model: nn.Module, kind: str | None = None) -> int:
     """Swap every bfloat16 CPU nn.Linear for BF16Linear where PyTorch's bf16 GEMM is slow (`PLANS`: emulated
     bf16, or AVX512_BF16 without AMX); returns how many. `kind` defaults to this CPU's (hardware.cpu_bf16_matmul)."""
-    kind = kind or cpu_bf16_matmul()
+    if kind is None:
+        kind = cpu_bf16_matmul()
+        if kind == "emulated" and "avx512f" not in (cpu_flags() or ()):
+            kind = "avx2"
     if kind not in PLANS:
         return 0
     swapped = 0

@@ -94,6 +94,11 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     return None if lib is None else lib.bf16_gemv(x, weight)
 
 
+def bf16_gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ weight (N, K).T in float32 for a bfloat16 weight and many rows (needs `ops()`)."""
+    return ops().bf16_gemm(x, weight)
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Attention of one new token per row, q (B, nh, 1, hd), against bf16 k, v (B, nkv, S, hd) (nh a multiple of
     nkv), mask None or bool (B, 1, 1, S); float32 arithmetic, the result in q's dtype (needs `ops()`)."""

@@ -143,6 +143,120 @@ at::Tensor bf16_gemv(const at::Tensor& x_in, const at::Tensor& w) {
   return y;
 }
 
+// bf16_gemm(x, w) -> y: the same product for many rows (prefill, the CLIP tower): blocks of kPanelK inputs x
+// kPanelN weight rows are widened once into a float32 panel (k-major, in L1) and multiplied by kTileM rows of x at
+// a time with broadcast FMAs into a register tile of kTileM x kPanelN sums, added to y after each panel. Rows of x
+// go kBlockM at a time (their panel slice stays in L2); weight panels are split over the threads.
+#if defined(__AVX512F__) || defined(__AVX2__)
+constexpr int64_t kPanelN = 2 * kLanes;           // output columns per tile: two vectors
+constexpr int64_t kTileM = kLanes == 16 ? 12 : 6;  // rows per tile: 2 * kTileM sums + 3 more registers fit
+constexpr int64_t kPanelK = 256;                   // inputs per panel: kPanelK * kPanelN floats = 16/32 KB
+constexpr int64_t kBlockM = 192;  // rows of x per pass: their slice of a panel's inputs, 192 KB, stays in L2
+
+// y[i][0..kPanelN) += sum_k x[i][k] * panel[k][..] for ROWS rows of x (stride ld) and kk inputs
+template <int ROWS>
+void tile(const float* x, int64_t ld, const float* panel, int64_t kk, float* y, int64_t ldy, int64_t cols) {
+  Vec acc[ROWS][2];
+#pragma GCC unroll 16
+  for (int i = 0; i < ROWS; ++i) acc[i][0] = acc[i][1] = vzero();
+  for (int64_t k = 0; k < kk; ++k) {
+    const Vec w0 = load_x(panel + k * kPanelN), w1 = load_x(panel + k * kPanelN + kLanes);
+#pragma GCC unroll 16
+    for (int i = 0; i < ROWS; ++i) {
+      const Vec xb = load_x_broadcast(x[i * ld + k]);
+      acc[i][0] = vfma(xb, w0, acc[i][0]);
+      acc[i][1] = vfma(xb, w1, acc[i][1]);
+    }
+  }
+  // (every loop over the tile's rows is unrolled: the sums then stay in registers through the k loop)
+  alignas(64) float out[ROWS][kPanelN];
+#pragma GCC unroll 16
+  for (int i = 0; i < ROWS; ++i) {
+    store_x(out[i], acc[i][0]);
+    store_x(out[i] + kLanes, acc[i][1]);
+  }
+  for (int i = 0; i < ROWS; ++i)
+    for (int64_t c = 0; c < cols; ++c) y[i * ldy + c] += out[i][c];
+}
+
+// panel[k][c] = w[c][k] widened, for c < cols (zeros up to kPanelN) and k < kk; w rows of stride ld. Blocks of 8
+// rows x 8 inputs go through an AVX2 8x8 transpose (AVX-512 machines run it too); the edges one value at a time.
+void pack_panel(const uint16_t* w, int64_t ld, int64_t cols, int64_t kk, float* panel) {
+  const int64_t k8 = cols == kPanelN ? kk / 8 * 8 : 0;
+  for (int64_t c0 = 0; c0 < kPanelN && k8 > 0; c0 += 8)
+    for (int64_t k = 0; k < k8; k += 8) {
+      __m256 r[8];
+      for (int j = 0; j < 8; ++j) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (c0 + j) * ld + k));
+        r[j] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+      }
+      __m256 t[8], u[8];
+      for (int j = 0; j < 8; j += 2) {
+        t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
+        t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
+      }
+      for (int j = 0; j < 8; j += 4) {
+        u[j] = _mm256_shuffle_ps(t[j], t[j + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      for (int j = 0; j < 4; ++j) {  // input k + j and k + 4 + j of the 8 rows
+        _mm256_storeu_ps(panel + (k + j) * kPanelN + c0, _mm256_permute2f128_ps(u[j], u[j + 4], 0x20));
+        _mm256_storeu_ps(panel + (k + 4 + j) * kPanelN + c0, _mm256_permute2f128_ps(u[j], u[j + 4], 0x31));
+      }
+    }
+  for (int64_t c = 0; c < kPanelN; ++c)
+    for (int64_t k = c < cols ? k8 : 0; k < kk; ++k) panel[k * kPanelN + c] = c < cols ? bf16_to_float(w[c * ld + k]) : 0.f;
+}
+
+template <int ROWS>
+void tiles_upto(int rows, const float* x, int64_t ld, const float* panel, int64_t kk, float* y, int64_t ldy,
+                int64_t cols) {
+  if constexpr (ROWS > 0) {
+    if (rows == ROWS) return tile<ROWS>(x, ld, panel, kk, y, ldy, cols);
+    return tiles_upto<ROWS - 1>(rows, x, ld, panel, kk, y, ldy, cols);
+  }
+}
+#endif
+
+at::Tensor bf16_gemm(const at::Tensor& x_in, const at::Tensor& w) {
+  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2, "bf16_gemm: x (M, K) and w (N, K)");
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.device().is_cpu(),
+              "bf16_gemm: w must be a contiguous bfloat16 CPU tensor");
+  TORCH_CHECK(x_in.size(1) == w.size(1), "bf16_gemm: x has ", x_in.size(1), " features, w ", w.size(1));
+#if defined(__AVX512F__) || defined(__AVX2__)
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::zeros({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  const int64_t panels = (N + kPanelN - 1) / kPanelN;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> panel_buf(kPanelK * kPanelN + 16);
+    float* panel = panel_buf.data() + (16 - reinterpret_cast<uintptr_t>(panel_buf.data()) / 4 % 16) % 16;
+    for (int64_t m0 = 0; m0 < M; m0 += kBlockM) {
+      const int64_t mb = std::min(kBlockM, M - m0);
+      for (int64_t k0 = 0; k0 < K; k0 += kPanelK) {
+        const int64_t kk = std::min(kPanelK, K - k0);
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t n0 = p * kPanelN, cols = std::min(kPanelN, N - n0);
+          pack_panel(wp + n0 * K + k0, K, cols, kk, panel);
+          for (int64_t i = 0; i < mb; i += kTileM) {
+            const int rows = static_cast<int>(std::min(kTileM, mb - i));
+            tiles_upto<kTileM>(rows, xp + (m0 + i) * K + k0, K, panel, kk, yp + (m0 + i) * N + n0, N, cols);
+          }
+        }
+      }
+    }
+  });
+  return y;
+#else
+  return bf16_gemv(x_in, w);
+#endif
+}
+
 // decode_attention(q, k, v, mask, scale) -> y: attention of one new token per row against the cache, in float32.
 // q (B, nh, 1, hd) float32/bf16; k, v (B, nkv, S, hd) bf16 with contiguous rows of hd (any strides above: a slice of
 // the cache); mask None or bool (B, 1, 1, S) (any strides); nh a multiple of nkv (grouped queries). Each k and v
@@ -228,5 +342,6 @@ int64_t simd_lanes() { return kLanes; }
 TORCH_LIBRARY(phi3v_native, m) {
   m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor", &bf16_gemv);
   m.def("simd_lanes() -> int", &simd_lanes);
+  m.def("bf16_gemm(Tensor x, Tensor w) -> Tensor", &bf16_gemm);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor", &decode_attention);
 }
