@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,3 +81,36 @@ def test_bf16_matmul_kind_from_cpu_flags(monkeypatch, flags, kind):
     assert hw.cpu_bf16_matmul() == kind
     model = nn.Sequential(nn.Linear(4, 4)).to(torch.bfloat16)
     assert use_fast_bf16_linears(model, kind) == (1 if kind in PLANS else 0)
+
+
+@pytest.mark.parametrize("flags,expect", [({"avx2", "fma"}, "avx2"), ({"avx512f", "avx512bw"}, "emulated"),
+                                          ({"avx512f", "avx512_bf16"}, "avx512_bf16")])
+def test_the_plan_picked_for_this_cpu(monkeypatch, flags, expect):
+    """Without AVX-512 the "avx2" plan (many rows through phi3v's bf16 GEMM); the other kinds keep theirs."""
+    import phi3v.hardware as hw
+    import phi3v.inference.kernels as k
+
+    monkeypatch.setattr(hw, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(k, "cpu_flags", lambda: frozenset(flags))
+    model = nn.Sequential(nn.Linear(4, 4)).to(torch.bfloat16)
+    assert use_fast_bf16_linears(model) == 1
+    layer = model[0]
+    assert (layer.mv_one_row, layer.upcast_min_rows) == PLANS[expect] and layer.native_gemm == (expect == "avx2")
+
+
+def test_auto_dtype_is_bf16_for_quantized_weights(monkeypatch, tmp_path):
+    """int8/int4 layers are fast in half precision only: "auto" gives bf16 for them even where float32 is the
+    CPU's default (AVX2-only), for --quantize and for a saved quantized checkpoint."""
+    import phi3v.hardware as hw
+    from phi3v.api import Phi3Model
+    from phi3v.checkpoint.quantized import quantize_checkpoint
+
+    monkeypatch.setattr(hw, "cpu_prefers_bf16", lambda: False)
+    assert hw.auto_dtype("cpu") == "float32" and hw.auto_dtype("cpu", quantized=True) == "bfloat16"
+    fixtures = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "phi3v"
+    quantize_checkpoint(fixtures / "phi35_vision_tiny", tmp_path / "q", "int8")
+    for path, quantize in ((fixtures / "phi35_vision_tiny", None), (fixtures / "phi35_vision_tiny", "int8"),
+                           (tmp_path / "q", None)):
+        m = Phi3Model.load(path, quantize=quantize)
+        want = torch.float32 if path.name != "q" and quantize is None else torch.bfloat16
+        assert m.model.model.embed_tokens.weight.dtype == want

@@ -101,7 +101,7 @@ class Phi3Model:
         tokenizer = Tokenizer.from_dir(path)
         processor = ImageProcessor.from_dir(path) if is_vision_config(raw) else None
         if dtype == "auto":
-            dtype = auto_dtype(device)
+            dtype = auto_dtype(device, quantized=bool(quantize or raw.get("quantization")))
         model = load_causal_lm(path, cfg, parse_dtype(dtype), device, raw=raw)
         if quantize:
             quantize_model(model, quantize)

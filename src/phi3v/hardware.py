@@ -42,9 +42,11 @@ def cpu_prefers_bf16() -> bool:
     return all(f in flags for f in AVX512) or any(f in flags for f in NATIVE_BF16)
 
 
-def auto_dtype(device: str) -> str:
-    """The dtype "auto" stands for on a device: bfloat16 on accelerators and on CPUs that prefer it, else float32."""
-    return "bfloat16" if device != "cpu" or cpu_prefers_bf16() else "float32"
+def auto_dtype(device: str, quantized: bool = False) -> str:
+    """The dtype "auto" stands for on a device: bfloat16 on accelerators, on CPUs that prefer it and for int8/int4
+    weights (their fast CPU kernels are the half-precision layers'; float32 quantized layers keep exact, slower
+    kernels), else float32."""
+    return "bfloat16" if device != "cpu" or quantized or cpu_prefers_bf16() else "float32"
 
 
 @functools.cache

@@ -14,7 +14,7 @@
 #include <limits>
 #include <tuple>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -28,6 +28,20 @@ inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
+
+#if !defined(__AVX512F__) && defined(__AVX2__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
 }
 #endif
 
@@ -47,6 +61,15 @@ void rows_in(const T* x, float* z, float* amax, int64_t M, int64_t K, double top
         va = _mm512_max_ps(va, _mm512_abs_ps(v));
       }
       a = _mm512_reduce_max_ps(va);
+#elif defined(__AVX2__)
+      const __m256 sign = _mm256_set1_ps(-0.f);
+      __m256 va = _mm256_setzero_ps();
+      for (; k + 8 <= K; k += 8) {
+        const __m256 v = load8(r + k);
+        _mm256_storeu_ps(out + k, v);
+        va = _mm256_max_ps(va, _mm256_andnot_ps(sign, v));
+      }
+      a = hmax8(va);
 #endif
       for (int64_t t = k; t < K; ++t) {
         out[t] = load_value(r + t);
