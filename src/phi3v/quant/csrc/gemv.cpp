@@ -112,12 +112,17 @@ void rows_of_x(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K
   }
 }
 
-at::Tensor bf16_gemv(const at::Tensor& x_in, const at::Tensor& w) {
-  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2, "bf16_gemv: x (M, K) and w (N, K)");
+// x @ w.T's checks (x (M, K), w a contiguous bf16 CPU (N, K)) -> x as contiguous float32
+at::Tensor product_input(const at::Tensor& x_in, const at::Tensor& w, const char* name) {
+  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2, name, ": x (M, K) and w (N, K)");
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.device().is_cpu(),
-              "bf16_gemv: w must be a contiguous bfloat16 CPU tensor");
-  TORCH_CHECK(x_in.size(1) == w.size(1), "bf16_gemv: x has ", x_in.size(1), " features, w ", w.size(1));
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+              name, ": w must be a contiguous bfloat16 CPU tensor");
+  TORCH_CHECK(x_in.size(1) == w.size(1), name, ": x has ", x_in.size(1), " features, w ", w.size(1));
+  return x_in.to(at::kFloat).contiguous();
+}
+
+at::Tensor bf16_gemv(const at::Tensor& x_in, const at::Tensor& w) {
+  const at::Tensor x = product_input(x_in, w, "bf16_gemv");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -221,12 +226,8 @@ void tiles_upto(int rows, const float* x, int64_t ld, const float* panel, int64_
 #endif
 
 at::Tensor bf16_gemm(const at::Tensor& x_in, const at::Tensor& w) {
-  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2, "bf16_gemm: x (M, K) and w (N, K)");
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.device().is_cpu(),
-              "bf16_gemm: w must be a contiguous bfloat16 CPU tensor");
-  TORCH_CHECK(x_in.size(1) == w.size(1), "bf16_gemm: x has ", x_in.size(1), " features, w ", w.size(1));
+  const at::Tensor x = product_input(x_in, w, "bf16_gemm");
 #if defined(__AVX512F__) || defined(__AVX2__)
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor y = at::zeros({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -253,7 +254,7 @@ at::Tensor bf16_gemm(const at::Tensor& x_in, const at::Tensor& w) {
   });
   return y;
 #else
-  return bf16_gemv(x_in, w);
+  return bf16_gemv(x, w);
 #endif
 }
 

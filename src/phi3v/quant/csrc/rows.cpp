@@ -23,21 +23,34 @@ namespace phi3v_rows {
 inline float load_value(const float* p) { return *p; }
 inline float load_value(const at::BFloat16* p) { return static_cast<float>(*p); }
 
+// The SIMD primitives of one target: a vector of float32 lanes, a row's values loaded (bf16 widened) into one,
+// store, magnitude, max and the largest lane.
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
+using Vec = __m512;
+constexpr int64_t kLanes = 16;
+inline Vec loadv(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec loadv(const at::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
-#endif
-
-#if !defined(__AVX512F__) && defined(__AVX2__)
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::BFloat16* p) {
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline void storev(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec vabs(Vec v) { return _mm512_abs_ps(v); }
+inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+inline float hmax(Vec v) { return _mm512_reduce_max_ps(v); }
+#elif defined(__AVX2__)
+using Vec = __m256;
+constexpr int64_t kLanes = 8;
+inline Vec loadv(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec loadv(const at::BFloat16* p) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
-inline float hmax8(__m256 v) {
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline void storev(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vabs(Vec v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), v); }
+inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+inline float hmax(Vec v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
@@ -53,23 +66,14 @@ void rows_in(const T* x, float* z, float* amax, int64_t M, int64_t K, double top
       float* out = z + m * K;
       int64_t k = 0;
       float a = 0.f;
-#if defined(__AVX512F__)
-      __m512 va = _mm512_setzero_ps();
-      for (; k + 16 <= K; k += 16) {
-        const __m512 v = load16(r + k);
-        _mm512_storeu_ps(out + k, v);  // the row as float32; scaled in place below, while it is in L1
-        va = _mm512_max_ps(va, _mm512_abs_ps(v));
+#if defined(__AVX512F__) || defined(__AVX2__)
+      Vec va = vzero();
+      for (; k + kLanes <= K; k += kLanes) {
+        const Vec v = loadv(r + k);
+        storev(out + k, v);  // the row as float32; scaled in place below, while it is in L1
+        va = vmax(va, vabs(v));
       }
-      a = _mm512_reduce_max_ps(va);
-#elif defined(__AVX2__)
-      const __m256 sign = _mm256_set1_ps(-0.f);
-      __m256 va = _mm256_setzero_ps();
-      for (; k + 8 <= K; k += 8) {
-        const __m256 v = load8(r + k);
-        _mm256_storeu_ps(out + k, v);
-        va = _mm256_max_ps(va, _mm256_andnot_ps(sign, v));
-      }
-      a = hmax8(va);
+      a = hmax(va);
 #endif
       for (int64_t t = k; t < K; ++t) {
         out[t] = load_value(r + t);
