@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import phi3v
@@ -16,7 +17,7 @@ from phi3v.cli import recipe as recipe_cli
 from phi3v.errors import InputError
 from phi3v.processing.image import ImageProcessor
 from phi3v.recipes.data import rejected_rate, sft_records
-from phi3v.recipes.nano import PHASES, NanoPlan, parse_steps, run_recipe
+from phi3v.recipes.nano import PHASES, NanoPlan, native_bf16, parse_steps, run_recipe
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 LIKE = SHARED / "reference" / "Phi-3.5-vision-instruct"
@@ -65,6 +66,13 @@ def test_killed_run_resumes_every_phase_once(killed_then_resumed):
     assert sft_steps == [1, 2]  # step 1 logged once: the resumed run continued from its checkpoint
     assert events.count(("sft", 1, "train")) == 1 and events.count(("sft", 2, "train")) == 2  # step 2 redone only
     assert events.count(("data", 1, None)) == 1  # the data was not drawn again
+    # autocast "fastest": chosen once, before pretraining, and kept by the resumed run; timed only with native bf16
+    assert before["autocast"] == state["autocast"]
+    if native_bf16(torch.device("cpu")):
+        assert set(state["autocast_seconds"]) == {"off", "bf16"}
+        assert state["autocast"] == min(state["autocast_seconds"], key=state["autocast_seconds"].get)
+    else:
+        assert state["autocast"] == "off" and "autocast_seconds" not in state
 
 
 def test_final_checkpoint_loads_with_nano_sizes_and_answers(killed_then_resumed):
@@ -128,9 +136,20 @@ def test_sft_conversations_ask_every_question_of_an_image_once(tmp_path):
     assert rejected_rate(report, split) == {"pairs": 2, "rejected": 1, "rate": 0.5}
 
 
+def test_autocast_setting_is_checked_and_recorded(tmp_path):
+    plan = micro_plan()
+    plan.autocast = "fp16"
+    with pytest.raises(InputError, match="fastest, bf16 or off"):
+        run_recipe(tmp_path / "bad", budget_minutes=0.01, plan=plan, like=LIKE)
+    assert not (tmp_path / "bad").exists()  # refused before any phase
+
+
 def test_cli_parses_the_recipe_flags():
     parser = argparse.ArgumentParser()
     recipe_cli.add_arguments(parser)
+    assert parser.parse_args(["nano", "--out", "x", "--autocast", "bf16"]).autocast == "bf16"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["nano", "--out", "x", "--autocast", "fp16"])
     args = parser.parse_args(["nano", "--out", "x", "--budget-minutes", "5", "--seed", "7", "--resume"])
     assert (args.name, args.out, args.budget_minutes, args.seed, args.resume, args.device) == \
         ("nano", "x", 5.0, 7, True, "cpu")

@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue a killed run in --out")
     parser.add_argument("--train-images", type=int, default=None, help="synthetic training images (default: plan's)")
     parser.add_argument("--eval-images", type=int, default=None, help="images per held-out split (default: plan's)")
+    parser.add_argument("--autocast", choices=["fastest", "bf16", "off"], default=None,
+                        help="bf16 autocast while training: fastest (default: timed on one batch where the device has "
+                             "native bf16, else off), bf16 or off; a run's OUT/recipe.json records the choice")
     parser.add_argument("--steps", default=None,
                         help="fixed optimizer steps per phase instead of the budget's plan, e.g. "
                              "pretrain=642,sft=850,dpo=40 (a run's OUT/recipe.json lists its counts: reruns it)")
@@ -34,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
         plan.train_images = args.train_images
     if args.eval_images is not None:
         plan.eval_images = args.eval_images
+    if args.autocast is not None:
+        plan.autocast = args.autocast
     if args.steps:
         plan.steps = parse_steps(args.steps)
     bars: dict[str, tqdm] = {}

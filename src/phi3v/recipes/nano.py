@@ -9,6 +9,7 @@ import dataclasses
 import json
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,8 +20,10 @@ from ..checkpoint.files import TOKENIZER_FILES, copy_tokenizer_files
 from ..checkpoint.random import RANDOM_MARKER, Sizes, create_random
 from ..data.synth import SynthConfig, generate
 from ..errors import InputError
+from ..hardware import NATIVE_BF16, cpu_flags
 from ..models.config import read_json
 from ..train.config import TrainConfig
+from ..train.loop import autocast_dtype
 from ..train.run import LOSSES, fit, prepare
 from .data import write_training_files
 from .report import evaluate_split, export_bf16, plot_recipe_losses
@@ -59,7 +62,7 @@ class NanoPlan:
     sizes: Sizes = NANO_SIZES
     num_crops: int = NANO_NUM_CROPS
     synth: SynthConfig = NANO_SYNTH
-    train_images: int = 4000
+    train_images: int = 8000
     eval_images: int = 60  # per held-out split (test, test-novel); val gets eval_images // 2
     share: dict = field(default_factory=lambda: {"pretrain": 0.40, "sft": 0.42, "dpo": 0.08, "eval": 0.05})
     batch: int = 8
@@ -69,6 +72,9 @@ class NanoPlan:
     steps: dict = field(default_factory=dict)  # phase -> fixed step count (else timed from the budget): reruns a run
     eval_batch: int = 8
     eval_max_new_tokens: int | None = None  # None: the synth task's per-answer budget
+    # bf16 autocast: "fastest" times one batch with and without it where the device has native bf16 (CUDA, a CPU with
+    # avx512_bf16 / amx_bf16) and keeps the faster (recorded in recipe.json; a resumed run keeps it), or "bf16", "off"
+    autocast: str = "fastest"
 
 
 class Recipe:
@@ -78,6 +84,8 @@ class Recipe:
                  plan: NanoPlan | None = None, like=None, progress: Progress | None = None):
         if budget_minutes <= 0:
             raise InputError(f"budget_minutes must be positive, got {budget_minutes}")
+        if (plan or NanoPlan()).autocast not in ("fastest", "bf16", "off"):
+            raise InputError(f"NanoPlan.autocast must be fastest, bf16 or off, got {(plan or NanoPlan()).autocast!r}")
         self.out, self.device, self.seed = Path(out), device, seed
         self.plan, self.progress = plan or NanoPlan(), progress or (lambda *a: None)
         self.like = Path(like) if like is not None else default_like()
@@ -176,14 +184,19 @@ class Recipe:
         return TrainConfig(task=task, model=str(model), data=str(data), eval_data=str(val), out=str(self.out / task),
                            steps=steps, batch=p.batch if task != "dpo" else max(1, p.batch // 2), lr=p.lr[task],
                            warmup=max(1, steps // 20), min_lr_ratio=0.1, weight_decay=0.01, seed=self.seed,
-                           device=self.device, autocast="off", save_every=max(1, min(50, steps // 4)),
+                           device=self.device, autocast=self.state.get("autocast", "off"),
+                           save_every=max(1, min(50, steps // 4)),
                            keep_checkpoints=1, resume=True, export_dtype="float32", **kw)
 
     def _train(self, task: str, model: Path) -> dict:
         steps = self.state["steps"].get(task) or self.plan.steps.get(task)
         setup = None
-        if steps is None:  # the plan: as many steps as the phase's share of the budget holds, timed on 2 steps
+        if "autocast" not in self.state:
             setup = prepare(self._train_config(task, model, 1))
+            self._choose_autocast(setup)
+        if steps is None:  # the plan: as many steps as the phase's share of the budget holds, timed on 2 steps
+            setup = setup or prepare(self._train_config(task, model, 1))
+            setup.cfg = self._train_config(task, model, 1)
             per_step = _time_steps(setup)
             steps = int(min(self.plan.max_steps, max(self.plan.min_steps, self._seconds_for(task) / per_step)))
             self.state.setdefault("step_seconds", {})[task] = round(per_step, 3)
@@ -199,6 +212,22 @@ class Recipe:
         evals = [r for r in result.history if r.get("split") == "eval"]
         return {"steps": steps, "final_loss": result.last.get("loss"),
                 "eval_loss": evals[-1]["loss"] if evals else None}
+
+    def _choose_autocast(self, setup) -> None:
+        """state["autocast"]: the plan's setting, or for "fastest" the faster of bf16 autocast and float32 on one
+        batch of this phase (float32 where the device has no native bf16); the timings are recorded."""
+        choice = self.plan.autocast
+        if choice == "fastest":
+            choice = "off"
+            if native_bf16(setup.device):
+                timed = {}
+                for amp in ("off", "bf16"):
+                    setup.cfg.autocast = amp
+                    timed[amp] = round(_time_steps(setup), 3)
+                choice = min(timed, key=timed.get)
+                self.state["autocast_seconds"] = timed
+        self.state["autocast"] = choice
+        self._save()
 
     def _seconds_for(self, task: str) -> float:
         """The phase's part of the budget left: time that earlier phases did not use rolls over to the later ones
@@ -253,18 +282,28 @@ def _tensors(folder: Path):
         yield from load_file(f).values()
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bfloat16 products in hardware (CUDA with bf16, a CPU with avx512_bf16 or
+    amx_bf16): only there can bf16 autocast be the faster choice."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and any(f in (cpu_flags() or ()) for f in NATIVE_BF16)
+
+
 def _time_steps(setup, n: int = 2) -> float:
-    """Seconds per optimizer step of this setup (forward + backward of one batch, the best of n); grads are
-    dropped after."""
+    """Seconds per optimizer step of this setup (forward + backward of one batch under its autocast setting, the
+    best of n); grads are dropped after."""
     loss_fn = LOSSES[setup.cfg.task](setup)
     batch = setup.collate(setup.samples[: setup.cfg.batch])
     batch = batch.to(setup.device) if hasattr(batch, "to") else batch
+    amp = autocast_dtype(setup.device, setup.cfg.autocast)
     best = float("inf")
     for p in setup.model.parameters():
         p.requires_grad_(True)
     for _ in range(n):
         t = time.time()
-        out = loss_fn(setup.model, batch)
+        with torch.autocast(setup.device.type, dtype=amp) if amp is not None else nullcontext():
+            out = loss_fn(setup.model, batch)
         out.total.backward()
         best = min(best, time.time() - t)
     setup.model.zero_grad(set_to_none=True)
