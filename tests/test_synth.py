@@ -340,3 +340,16 @@ def test_training_readers_accept_every_file(out):
             recs, total = read_records(folder / name, kind, bad)
             assert len(recs) == total > 0
         assert recs[0].rejected != recs[0].chosen and recs[0].images[0].is_file()
+
+
+def test_a_style_that_fits_nothing_is_redrawn_and_impossible_content_is_an_input_error():
+    from phi3v.data.synth import make_sample
+    from phi3v.recipes.nano import NANO_SYNTH
+
+    # seed 0, train chart 1435: its first style (DejaVuSerif) fits none of 50 drawn charts in 288 px; the generator
+    # used to stop the whole set there (at image 7176 of 8000) instead of drawing another style
+    s = make_sample("train", "chart", 1435, 0, NANO_SYNTH)
+    assert s.family == "chart" and s.facts["style"]["font"] != "DejaVuSerif"
+    assert s.data.startswith((b"\x89PNG", b"\xff\xd8\xff"))
+    with pytest.raises(InputError, match="never fits in max_side=40 px"):
+        make_sample("train", "chart", 0, 0, SynthConfig(min_side=32, max_side=40, min_cap_px=14, max_cap_px=22))

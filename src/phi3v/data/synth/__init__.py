@@ -40,6 +40,7 @@ def make_sample(split: str, family: str, k: int, seed: int, cfg: SynthConfig, se
     """Draw image k of a family in a split; redraws while its bytes' hash is already in seen (and adds it)."""
     mod, seen = MODULES[family], seen if seen is not None else set()
     vocab = "novel" if is_novel(split) else "train"
+    fitted = False
     for attempt in range(MAX_TRIES):
         rng = random.Random(f"phi3v-synth/{seed}/{split}/{family}/{k}/{attempt}")
         style = draw_style(rng, split, cfg)
@@ -50,9 +51,9 @@ def make_sample(split: str, family: str, k: int, seed: int, cfg: SynthConfig, se
                 break
             except NoFit:
                 continue
-        else:
-            raise InputError(f"{family} content never fits in max_side={cfg.max_side} px: raise max_side or lower "
-                             f"max_items / min_cap_px in SynthConfig")
+        else:  # nothing fits in this style (a wide font at a large cap height): the next attempt draws another
+            continue
+        fitted = True
         data, ext = encode(augment(img, rng, cfg), rng, cfg)
         digest = hashlib.sha256(data).hexdigest()
         if digest in seen:
@@ -61,6 +62,9 @@ def make_sample(split: str, family: str, k: int, seed: int, cfg: SynthConfig, se
         facts = dict(f, style={"font": style.font if mod.HAS_TEXT else None, "palette": style.palette.name})
         return Sample(family, k, data, ext, facts, mod.questions(f, rng), mod.caption(f),
                       "\n".join(mod.lines(f)) if mod.HAS_TEXT else None)
+    if not fitted:
+        raise InputError(f"{family} content never fits in max_side={cfg.max_side} px: raise max_side or lower "
+                         f"max_items / min_cap_px in SynthConfig")
     raise RuntimeError(f"{family} image {k} of {split} repeated an earlier image {MAX_TRIES} times")
 
 
