@@ -9,7 +9,6 @@ import dataclasses
 import json
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,10 +19,10 @@ from ..checkpoint.files import TOKENIZER_FILES, copy_tokenizer_files
 from ..checkpoint.random import RANDOM_MARKER, Sizes, create_random
 from ..data.synth import SynthConfig, generate
 from ..errors import InputError
-from ..hardware import NATIVE_BF16, cpu_flags
+from ..hardware import cpu_bf16_matmul
 from ..models.config import read_json
 from ..train.config import TrainConfig
-from ..train.loop import autocast_dtype
+from ..train.loop import autocast_context, autocast_dtype
 from ..train.run import LOSSES, fit, prepare
 from .data import write_training_files
 from .report import evaluate_split, export_bf16, plot_recipe_losses
@@ -84,10 +83,10 @@ class Recipe:
                  plan: NanoPlan | None = None, like=None, progress: Progress | None = None):
         if budget_minutes <= 0:
             raise InputError(f"budget_minutes must be positive, got {budget_minutes}")
-        if (plan or NanoPlan()).autocast not in ("fastest", "bf16", "off"):
-            raise InputError(f"NanoPlan.autocast must be fastest, bf16 or off, got {(plan or NanoPlan()).autocast!r}")
         self.out, self.device, self.seed = Path(out), device, seed
         self.plan, self.progress = plan or NanoPlan(), progress or (lambda *a: None)
+        if self.plan.autocast not in ("fastest", "bf16", "off"):
+            raise InputError(f"NanoPlan.autocast must be fastest, bf16 or off, got {self.plan.autocast!r}")
         self.like = Path(like) if like is not None else default_like()
         state_file = self.out / STATE
         if state_file.is_file() and not resume:
@@ -190,14 +189,14 @@ class Recipe:
 
     def _train(self, task: str, model: Path) -> dict:
         steps = self.state["steps"].get(task) or self.plan.steps.get(task)
-        setup = None
+        setup, per_step = None, None
         if "autocast" not in self.state:
             setup = prepare(self._train_config(task, model, 1))
-            self._choose_autocast(setup)
+            per_step = self._choose_autocast(setup)
         if steps is None:  # the plan: as many steps as the phase's share of the budget holds, timed on 2 steps
             setup = setup or prepare(self._train_config(task, model, 1))
             setup.cfg = self._train_config(task, model, 1)
-            per_step = _time_steps(setup)
+            per_step = per_step or _time_steps(setup)
             steps = int(min(self.plan.max_steps, max(self.plan.min_steps, self._seconds_for(task) / per_step)))
             self.state.setdefault("step_seconds", {})[task] = round(per_step, 3)
         if self.state["steps"].get(task) != steps:  # recorded before training: a resumed run keeps the count
@@ -213,14 +212,14 @@ class Recipe:
         return {"steps": steps, "final_loss": result.last.get("loss"),
                 "eval_loss": evals[-1]["loss"] if evals else None}
 
-    def _choose_autocast(self, setup) -> None:
+    def _choose_autocast(self, setup) -> float | None:
         """state["autocast"]: the plan's setting, or for "fastest" the faster of bf16 autocast and float32 on one
-        batch of this phase (float32 where the device has no native bf16); the timings are recorded."""
-        choice = self.plan.autocast
+        batch of this phase (float32 where the device has no native bf16); the timings are recorded and the chosen
+        one's seconds per step returned (None when nothing was timed)."""
+        choice, timed = self.plan.autocast, {}
         if choice == "fastest":
             choice = "off"
             if native_bf16(setup.device):
-                timed = {}
                 for amp in ("off", "bf16"):
                     setup.cfg.autocast = amp
                     timed[amp] = round(_time_steps(setup), 3)
@@ -228,6 +227,7 @@ class Recipe:
                 self.state["autocast_seconds"] = timed
         self.state["autocast"] = choice
         self._save()
+        return timed.get(choice)
 
     def _seconds_for(self, task: str) -> float:
         """The phase's part of the budget left: time that earlier phases did not use rolls over to the later ones
@@ -287,7 +287,7 @@ def native_bf16(device: torch.device) -> bool:
     amx_bf16): only there can bf16 autocast be the faster choice."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and any(f in (cpu_flags() or ()) for f in NATIVE_BF16)
+    return device.type == "cpu" and cpu_bf16_matmul() in ("amx", "avx512_bf16")
 
 
 def _time_steps(setup, n: int = 2) -> float:
@@ -302,7 +302,7 @@ def _time_steps(setup, n: int = 2) -> float:
         p.requires_grad_(True)
     for _ in range(n):
         t = time.time()
-        with torch.autocast(setup.device.type, dtype=amp) if amp is not None else nullcontext():
+        with autocast_context(setup.device, amp):
             out = loss_fn(setup.model, batch)
         out.total.backward()
         best = min(best, time.time() - t)

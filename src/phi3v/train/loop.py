@@ -23,7 +23,7 @@ from phi3v.data.loader import StandIn
 
 from .distributed import all_reduce_sum, full_tensor, rank_and_world, sync_grads
 
-__all__ = ["autocast_dtype", "evaluate", "make_optimizer", "rank_and_world", "train", "warmup_cosine"]
+__all__ = ["autocast_context", "autocast_dtype", "evaluate", "make_optimizer", "rank_and_world", "train", "warmup_cosine"]
 
 
 def autocast_dtype(device: torch.device, setting: str = "auto") -> torch.dtype | None:
@@ -37,6 +37,11 @@ def autocast_dtype(device: torch.device, setting: str = "auto") -> torch.dtype |
     if device.type == "cpu":
         return torch.bfloat16 if torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") else None
     return None
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast to dtype on the device, or a no-op context when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int], float]:
@@ -86,9 +91,8 @@ def train(model: torch.nn.Module, loss_fn, batches: Iterable, optimizer: torch.o
             batch = next(it).to(device)
             weight = 0 if isinstance(batch, StandIn) else 1  # a rank's empty share: run it, so collectives match
             batch = getattr(batch, "batch", batch)
-            ctx = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
             with sync_grads(model, micro == grad_accum - 1):
-                with ctx:
+                with autocast_context(device, autocast):
                     out = loss_fn(model, batch)
                 (out.total if weight else out.total * 0).backward()
             units += out.units * weight
@@ -135,8 +139,7 @@ def evaluate(model: torch.nn.Module, loss_fn, batches: Iterable, device: torch.d
     units, sums = 0, {}
     for batch in batches:
         batch = batch.to(device)
-        ctx = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
-        with ctx:
+        with autocast_context(device, autocast):
             out = loss_fn(model, batch)
         units += out.units
         for k, v in out.metrics.items():
