@@ -18,7 +18,7 @@ from phi3v.checkpoint.quantized import quantize_checkpoint
 from phi3v.checkpoint.safetensors import SafetensorsFile, save_file
 from phi3v.hardware import release_pages
 from phi3v.models import config_from_dict
-from phi3v.quant import cpu_int8
+from phi3v.quant import cpu_int8, native
 from phi3v.quant.layers import (
     DECODER_ACTIVATION_BITS, VISION_ACTIVATION_BITS, WeightOnlyInt8Linear, pack_for_kernels, quantize_int8,
     quantize_model,
@@ -101,7 +101,7 @@ def test_int8_linear_runs_the_packed_gemm_at_every_row_count(M, bits):
     with torch.no_grad():
         lin.weight.copy_(torch.randn(96, 128, generator=g) / 11)
         lin.bias.copy_(torch.randn(96, generator=g) / 11)
-    layer = WeightOnlyInt8Linear.from_linear(lin, activation_bits=bits)
+    layer = WeightOnlyInt8Linear.from_linear(lin, activation_bits=bits, native=False)  # (native: test_native_kernels)
     assert layer.packed is not None
     x = torch.randn(M, 128, generator=g).to(torch.bfloat16)
     w = layer.weight.float() * layer.scales.float()[:, None]
@@ -125,9 +125,11 @@ def test_a_loaded_int8_model_packs_every_layer_with_its_bits(tmp_path):
     stored = SafetensorsFile(q / "model.safetensors")
     for name, m in model.named_modules():
         if isinstance(m, WeightOnlyInt8Linear):
-            assert m.packed is not None
             part = "vision" if name.startswith("model.vision_embed_tokens.") else "decoder"
             assert m.activation_bits == {"vision": VISION_ACTIVATION_BITS, "decoder": DECODER_ACTIVATION_BITS}[part]
+            # the decoder's 8-bit layers run phi3v's int8 kernel where it is built, the rest fbgemm's
+            on_native = part == "decoder" and m.activation_bits == 8 and native.ops() is not None
+            assert (m.native_packed is not None, m.packed is not None) == (on_native, not on_native)
             seen[part] += 1
             assert torch.equal(m.weight, stored.get(f"{name}.weight"))
     assert seen["decoder"] > 0 and seen["vision"] > 0
@@ -163,15 +165,20 @@ def test_float32_layers_keep_the_exact_kernel():
 
 
 @needs_fbgemm
-def test_a_load_drops_the_stale_pack_and_pack_for_kernels_rebuilds_it():
-    a = WeightOnlyInt8Linear.from_linear(nn.Linear(64, 48, bias=False).to(torch.bfloat16))
-    b = WeightOnlyInt8Linear.from_linear(nn.Linear(64, 48, bias=False).to(torch.bfloat16))
+@pytest.mark.parametrize("use_native", [False, True])
+def test_a_load_drops_the_stale_pack_and_pack_for_kernels_rebuilds_it(use_native):
+    if use_native and native.ops() is None:
+        pytest.skip("phi3v's C++ kernels could not be built here")
+    a = WeightOnlyInt8Linear.from_linear(nn.Linear(64, 48, bias=False).to(torch.bfloat16), native=use_native)
+    b = WeightOnlyInt8Linear.from_linear(nn.Linear(64, 48, bias=False).to(torch.bfloat16), native=use_native)
     x = torch.randn(32, 64).to(torch.bfloat16)
     a.load_state_dict(b.state_dict())
     ref = x.float() @ (b.weight.float() * b.scales.float()[:, None]).T
-    assert a.packed is None and rel_err(a(x), ref) < 8e-3  # b's weights, through the plain kernel
-    pack_for_kernels(a)
-    assert a.packed is not None and torch.equal(a(x), b(x))
+    assert a.packed is None and a.native_packed is None and rel_err(a(x), ref) < 8e-3  # b's, the plain kernel
+    a.native = use_native  # (pack_for_kernels sets it from the layer's name: this one has none)
+    a.pack()
+    assert (a.native_packed is not None) == use_native and (a.packed is not None) != use_native
+    assert torch.equal(a(x), b(x))
     c = copy.deepcopy(a)
     assert torch.equal(c(x), a(x))
 
@@ -181,7 +188,8 @@ def test_without_fbgemm_the_layer_says_so_once_and_stays_correct(monkeypatch):
     cpu_int8._fallback.cache_clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        layers = [WeightOnlyInt8Linear.from_linear(nn.Linear(64, 32).to(torch.bfloat16)) for _ in range(3)]
+        layers = [WeightOnlyInt8Linear.from_linear(nn.Linear(64, 32).to(torch.bfloat16), native=False)
+                  for _ in range(3)]
     cpu_int8._fallback.cache_clear()
     said = [w for w in caught if "fbgemm" in str(w.message)]
     assert len(said) == 1 and said[0].category is RuntimeWarning

@@ -214,6 +214,95 @@ def test_int4_layer_runs_the_native_kernel_and_its_checkpoint_weight_is_kept():
     assert ((w - lin.weight.float()).abs() <= step).all()
 
 
+# ---------------------------------------------------------------- int8 x int8 GEMM
+
+def int8_case(N, K, seed):
+    from phi3v.quant.layers import quantize_int8
+
+    g = torch.Generator().manual_seed(seed)
+    q, s = quantize_int8(0.05 * torch.randn(N, K, generator=g), torch.bfloat16)
+    q[0, :4] = torch.tensor([-128, 127, 0, -1], dtype=torch.int8)  # both ends of int8 (|q| = 128 on AVX2's path)
+    return q, s.float()
+
+
+def int8_reference(x, q, s):
+    """Rows rounded to int8 (127 levels over their largest magnitude; x * (127 / amax) in float32 as the kernel
+    rounds it, so that a tie of bf16 inputs goes the same way) times q * s, in float64."""
+    import numpy as np
+
+    x = x.float().numpy()
+    amax = np.abs(x).max(1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0))  # IEEE float32, as in C++ (torch's
+    xq = np.rint(x * inv)  # division by a tensor can differ by an ulp, and a tie like 28.499998 then rounds up)
+    return torch.from_numpy(xq.astype(np.float64) * (amax / np.float32(127)).astype(np.float64)) @ (
+        q.double() * s.double()[:, None]).T
+
+
+@needs_native
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 64])
+@pytest.mark.parametrize("N,K", [(16, 4), (48, 64), (80, 100), (96, 3072), (128, 520)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_matmul_is_int8_rows_times_the_dequantized_weight(M, N, K, dtype):
+    """1, 2, 3, 5, 6 and 8 blocks of 16 columns (the tasks take 2 or 4 at a time, the rest one by one), every row
+    tail, float32 and bf16 inputs, weights at -128 and 127; against float64."""
+    q, s = int8_case(N, K, seed=M + N + K)
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, K, generator=g)
+    x[0, 3 % K] = 9.0  # an outlier: its row's scale only
+    x = x.to(dtype)
+    got = native.int8_matmul(x, native.int8_pack(q), s)
+    ref = int8_reference(x.float(), q, s)
+    assert got.dtype == torch.float32 and got.shape == (M, N)
+    assert ((got.double() - ref).abs() <= ref.abs().amax() * 1e-5 + 1e-6).all()
+    assert torch.equal(native.int8_matmul(torch.zeros(M, K), native.int8_pack(q), s), torch.zeros(M, N))
+
+
+@needs_native
+def test_int8_pack_layout_and_checks():
+    """Byte 4c + j of unit u is column c's input 4u + j; unpack gives the weight back; bad shapes are refused."""
+    q = (torch.arange(32 * 8).reshape(32, 8) % 251 - 125).to(torch.int8)
+    packed = native.int8_pack(q)
+    assert packed.shape == (2, 2, 64)
+    for b in range(2):
+        for u in range(2):
+            for c in range(16):
+                assert packed[b, u, 4 * c:4 * c + 4].tolist() == q[16 * b + c, 4 * u:4 * u + 4].tolist()
+    assert torch.equal(native.ops().int8_unpack(packed), q)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        native.int8_pack(q[:8])
+    with pytest.raises(RuntimeError, match="features"):
+        native.int8_matmul(torch.zeros(1, 12), packed, torch.ones(32))
+    with pytest.raises(RuntimeError, match="float32"):
+        native.int8_matmul(torch.zeros(1, 8), packed, torch.ones(32, dtype=torch.bfloat16))
+
+
+@needs_native
+def test_int8_layer_runs_the_native_kernel_in_the_decoder_and_fbgemm_in_the_vision_tower():
+    """A decoder-side half-precision int8 layer runs the C++ kernel (its checkpoint weight kept); native=False
+    (the vision tower's) and 16-bit activations keep fbgemm's packed copy; float32 layers keep the exact path."""
+    from phi3v.quant import cpu_int8
+    from phi3v.quant.layers import WeightOnlyInt8Linear
+
+    g = torch.Generator().manual_seed(3)
+    lin = nn.Linear(256, 64, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(64, 256, generator=g) / 16)
+    layer = WeightOnlyInt8Linear.from_linear(lin)
+    assert layer.native_packed is not None and layer.packed is None
+    assert torch.equal(native.ops().int8_unpack(layer.native_packed), layer.weight)
+    x = torch.randn(3, 256, generator=g).to(torch.bfloat16)
+    expect = native.int8_matmul(x, layer.native_packed, layer.scales.float()).to(torch.bfloat16) + layer.bias
+    assert torch.equal(layer(x), expect)
+    ref = int8_reference(x.float(), layer.weight, layer.scales.float()) + layer.bias.double()
+    assert ((layer(x).double() - ref).abs() <= ref.abs().amax() * 2**-6).all()  # the output's and bias's roundings
+    for kw in ({"native": False}, {"activation_bits": 16}):
+        other = WeightOnlyInt8Linear.from_linear(lin, **kw)
+        assert other.native_packed is None
+        assert other.packed is not None or not cpu_int8.available()
+    assert WeightOnlyInt8Linear.from_linear(nn.Linear(256, 64)).native_packed is None  # float32
+
+
 # ---------------------------------------------------------------- row scaling around fbgemm's int8 GEMM
 
 @needs_native
@@ -277,6 +366,14 @@ for M, N, K, G in ((1, 16, 32, 32), (6, 48, 256, 128), (9, 80, 192, 64)):
     ref = ((x.double() / amax * 127).round() * amax / 127) @ dequantize_int4(q, sz, G).double().T
     got = lib.int4_matmul(x, native.int4_pack(q), native.int4_scales(sz), G)
     assert ((got.double() - ref).abs() <= ref.abs().amax() * 1e-5 + 1e-6).all(), ("int4", M, N, K, G)
+for M, N, K in ((1, 16, 4), (6, 48, 64), (9, 80, 100)):
+    q = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+    s = torch.rand(N, generator=g) / 100
+    x = torch.randn(M, K, generator=g)
+    amax = x.double().abs().amax(1, keepdim=True)
+    ref = ((x.double() / amax * 127).round() * amax / 127) @ (q.double() * s.double()[:, None]).T
+    got = lib.int8_matmul(x, native.int8_pack(q), s)
+    assert ((got.double() - ref).abs() <= ref.abs().amax() * 1e-5 + 1e-6).all(), ("int8", M, N, K)
 for B, nh, nkv, S, hd in ((1, 4, 4, 9, 8), (2, 6, 2, 33, 20)):
     k, v = (torch.randn(B, nkv, S, hd, generator=g).to(torch.bfloat16) for _ in range(2))
     q = torch.randn(B, nh, 1, hd, generator=g)

@@ -1,5 +1,5 @@
-"""phi3v's own C++ CPU kernels (`csrc/*.cpp`: the bf16 GEMV, the int4 x int8 GEMM, the row scaling around
-fbgemm's int8 GEMM), compiled on first use for this CPU (-march=native) with
+"""phi3v's own C++ CPU kernels (`csrc/*.cpp`: the bf16 GEMV, the int4 x int8 and int8 x int8 GEMMs, the row scaling
+around fbgemm's int8 GEMM), compiled on first use for this CPU (-march=native) with
 PyTorch's extension builder and cached under ~/.cache/phi3v/kernels (one build per source, torch version and CPU
 kind); later processes load the cached library in milliseconds. Where no compiler or ninja is found, or the build
 fails, `ops()` is None, PyTorch's own kernels run instead and a warning says so once. PHI3V_NATIVE=0 turns the
@@ -20,7 +20,7 @@ import torch
 
 from ..hardware import cpu_flags
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("gemv.cpp", "int4.cpp", "rows.cpp"))
+SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("gemv.cpp", "int4.cpp", "int8.cpp", "rows.cpp"))
 LIBRARY = "phi3v_native"
 # -fopenmp: at::parallel_for is inlined into the library and runs on OpenMP (PyTorch's own libgomp.so.1, already
 # loaded by the process, serves it); without it every kernel would run on one thread. PHI3V_NATIVE_MARCH (default
@@ -124,3 +124,15 @@ def int4_scales(scales_and_zeros: torch.Tensor) -> torch.Tensor:
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
     """x (M, K) @ the int4 weight's dequantized (N, K).T -> float32 (M, N), activations quantized to int8 per row."""
     return ops().int4_matmul(x, packed, sz, group_size)
+
+
+def int8_pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """The checkpoint's int8 weight (N, K) in the int8 GEMM's layout (N/16, K/4, 64), or None without the kernels."""
+    lib = ops()
+    return None if lib is None else lib.int8_pack(weight)
+
+
+def int8_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ (weight * scale[:, None]).T -> float32 (M, N), activations quantized to int8 per row; scale
+    float32 (N,) (needs `ops()`)."""
+    return ops().int8_matmul(x, packed, scale)

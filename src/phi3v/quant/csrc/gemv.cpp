@@ -24,9 +24,10 @@ namespace {
 
 constexpr int64_t kRowsPerBlock = 4;  // weight rows whose dot products run together (x loads shared)
 constexpr int64_t kMaxX = 4;          // rows of x per pass over a weight block (a block of 4 rows stays in L1)
-// software prefetch, bytes ahead on each weight row: the row streams then reach the memory bandwidth (one row,
-// K 3072 -> N 8192, 2 threads: 2.5 ms against 3.3 ms without)
-constexpr int64_t kPrefetch = 1024;
+// Software prefetch: each weight row's stream fetches the same place of the next block's row (kRowsPerBlock rows
+// further on), so every stream starts warm instead of each 6-16 KB row starting cold. Zen 4, 2 threads, decode
+// shapes over 1 GB of weights: 1.06x the speed of prefetching 1 KB ahead within the row, which was itself 1.05x no
+// software prefetch (one row, K 3072 -> N 8192 on a Xeon: 2.5 ms against 3.3 ms without).
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -82,8 +83,8 @@ void block(const float* x, const uint16_t* w, float* y, int64_t K, int64_t N) {
     for (int r = 0; r < R; ++r) acc[m][r] = vzero();
   for (int64_t k = 0; k < kv; k += kLanes) {
     Vec wv[R];
-    if ((k & 31) == 0)  // one prefetch per 64-byte line of each weight row
-      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + kPrefetch, _MM_HINT_T0);
+    if ((k & 31) == 0)  // one prefetch per 64-byte line of each weight row (past the last block: harmless)
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * K + k), _MM_HINT_T0);
     for (int r = 0; r < R; ++r) wv[r] = load_w(w + r * K + k);
     for (int m = 0; m < MX; ++m) {
       const Vec xv = load_x(x + m * K + k);
