@@ -502,3 +502,87 @@ def test_a_bf16_model_decodes_with_the_kernel_as_with_sdpa(tmp_path, monkeypatch
     assert kernels._decode_attention(q, k, k, None) is None  # float32 cache
     qb, kb = q.bfloat16().requires_grad_(), k.bfloat16()
     assert kernels._decode_attention(qb, kb, kb, None) is None  # training
+
+
+# ---------------------------------------------------------------- fused RMSNorm and rotary embedding (bf16)
+
+@needs_native
+@pytest.mark.parametrize("shape", [(1, 1, 3072), (2, 3, 100), (5, 7), (64, 13)])
+def test_fused_rms_norm_is_the_modules_bf16_result(shape):
+    """Bit for bit the module's PyTorch steps on these inputs (the float32 mean's order could differ by one bf16
+    step elsewhere: at most one step is allowed), C a multiple of 8 and not, several leading dims, big values."""
+    from phi3v.models.layers import RMSNorm
+
+    g = torch.Generator().manual_seed(len(shape) + shape[-1])
+    norm = RMSNorm(shape[-1], 1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=g))
+    x = (torch.randn(*shape, generator=g) * 40).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = norm(x)
+        got = native.ops().rms_norm_bf16(x, norm.weight, 1e-5)
+    assert got.shape == ref.shape and got.dtype == torch.bfloat16
+    step = ref.float().abs() * 2**-7 + 1e-30
+    assert ((got.float() - ref.float()).abs() <= step).all()
+    assert (got == ref).float().mean() >= 0.999
+    with pytest.raises(RuntimeError, match="bf16"):
+        native.ops().rms_norm_bf16(x.float(), norm.weight, 1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("B,nh,T,hd", [(1, 32, 1, 96), (2, 8, 3, 64), (3, 4, 1, 2)])
+def test_fused_rope_is_apply_rotary_bit_for_bit(B, nh, T, hd):
+    """The rotary embedding on a transposed (B, T, nh, hd) view as the attention passes it, against
+    models.rope.apply_rotary in bf16."""
+    from phi3v.models.rope import apply_rotary
+
+    g = torch.Generator().manual_seed(B * nh + T)
+    x = torch.randn(B, T, nh, hd, generator=g).to(torch.bfloat16).transpose(1, 2)
+    cos, sin = (torch.randn(B, T, hd, generator=g).to(torch.bfloat16) for _ in range(2))
+    got = native.ops().rope_bf16(x, cos, sin)
+    assert got.is_contiguous() and torch.equal(got, apply_rotary(x, cos, sin))
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        native.ops().rope_bf16(x, cos[:, :, :-2], sin)
+
+
+@needs_native
+def test_a_bf16_decoder_takes_the_fused_steps_only_where_they_apply(tmp_path, monkeypatch):
+    """phi3v.load installs the fused RMSNorm and rotary kernels; a bf16 forward of a few tokens without gradient
+    calls them in every layer and gives the same logits as with them off; float32 inputs, more than
+    FUSED_MAX_ROWS rows and a gradient to the weight keep PyTorch's steps."""
+    import phi3v
+    from phi3v.checkpoint.random import create_random
+    from phi3v.inference import kernels
+    from phi3v.models.layers import Attention, RMSNorm
+
+    ref_dir = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "Phi-3.5-mini-instruct"
+    create_random(ref_dir, tmp_path / "m", layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, seed=0)
+    m = phi3v.load(tmp_path / "m", dtype="bfloat16").model
+    norms = [x for x in m.modules() if isinstance(x, RMSNorm)]
+    attn = [x for x in m.modules() if isinstance(x, Attention)]
+    assert len(norms) == 5 and all(n.fused is kernels._rms_norm for n in norms)
+    assert all(a.rotary is kernels._rotary for a in attn)
+    calls = []
+    lib = native.ops()
+    monkeypatch.setattr(native, "ops", lambda: type("Spy", (), {
+        "rms_norm_bf16": staticmethod(lambda *a: calls.append("norm") or lib.rms_norm_bf16(*a)),
+        "rope_bf16": staticmethod(lambda *a: calls.append("rope") or lib.rope_bf16(*a)),
+        "__getattr__": lambda self, n: getattr(lib, n)})())
+    ids = torch.tensor([[5, 17, 300, 9, 41, 2]])
+    with torch.no_grad():
+        fused = m(ids)
+    assert calls.count("norm") == 5 and calls.count("rope") == 4  # q and k in each of the 2 layers
+    for x in norms:
+        x.fused = None
+    for a in attn:
+        a.rotary = None
+    calls.clear()
+    with torch.no_grad():
+        plain = m(ids)
+    assert not calls and torch.equal(fused, plain)
+    one = torch.ones(8, dtype=torch.bfloat16)
+    assert kernels._rms_norm(torch.zeros(2, 8), torch.ones(8), 1e-5) is None  # float32
+    assert kernels._rms_norm(torch.zeros(kernels.FUSED_MAX_ROWS + 1, 8, dtype=torch.bfloat16), one, 1e-5) is None
+    assert kernels._rms_norm(torch.zeros(1, 8, dtype=torch.bfloat16), one.clone().requires_grad_(), 1e-5) is None
+    x = torch.zeros(1, 2, 1, 4, dtype=torch.bfloat16)
+    assert kernels._rotary(x, torch.ones(1, 1, 4), torch.ones(1, 1, 4)) is None  # float32 cos, sin

@@ -17,12 +17,20 @@ from .rope import RotaryEmbedding, apply_rotary
 
 
 class RMSNorm(nn.Module):
+    # fused(x, weight, eps) -> y or None: the same steps in one call for decode sizes, installed from outside the
+    # model (phi3v.inference.kernels); None where it does not apply
+    fused = None
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            y = self.fused(x, self.weight, self.eps)
+            if y is not None:
+                return y
         # computed in float32 as the reference does, then cast back before the weight
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -35,6 +43,8 @@ class Attention(nn.Module):
     # decode_kernel(q, k, v, mask) -> y or None: a faster attention for one new token per row, installed from
     # outside the model (phi3v.inference.kernels); None where it does not apply, then SDPA runs
     decode_kernel = None
+    # rotary(x, cos, sin) -> apply_rotary(x, cos, sin) in one call for decode sizes, or None (installed the same way)
+    rotary = None
 
     def __init__(self, cfg: Phi3Config):
         super().__init__()
@@ -57,7 +67,11 @@ class Attention(nn.Module):
         q = q.view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        fused = self.rotary(q, cos, sin) if self.rotary is not None else None
+        if fused is not None:
+            q, k = fused, self.rotary(k, cos, sin)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, pos, k, v, kv_len)  # (B, nkv, S, hd)
         y = self.decode_kernel(q, k, v, mask) if T == 1 and self.decode_kernel is not None else None

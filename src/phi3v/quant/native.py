@@ -1,5 +1,5 @@
 """phi3v's own C++ CPU kernels (`csrc/*.cpp`: the bf16 GEMV, the int4 x int8 and int8 x int8 GEMMs, the row scaling
-around fbgemm's int8 GEMM), compiled on first use for this CPU (-march=native) with
+around fbgemm's int8 GEMM, fused bf16 RMSNorm and rotary embedding), compiled on first use for this CPU (-march=native) with
 PyTorch's extension builder and cached under ~/.cache/phi3v/kernels (one build per source, torch version and CPU
 kind); later processes load the cached library in milliseconds. Where no compiler or ninja is found, or the build
 fails, `ops()` is None, PyTorch's own kernels run instead and a warning says so once. PHI3V_NATIVE=0 turns the
@@ -20,7 +20,7 @@ import torch
 
 from ..hardware import cpu_flags
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("gemv.cpp", "int4.cpp", "int8.cpp", "rows.cpp"))
+SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("gemv.cpp", "int4.cpp", "int8.cpp", "rows.cpp", "fused.cpp"))
 LIBRARY = "phi3v_native"
 # -fopenmp: at::parallel_for is inlined into the library and runs on OpenMP (PyTorch's own libgomp.so.1, already
 # loaded by the process, serves it); without it every kernel would run on one thread. PHI3V_NATIVE_MARCH (default
