@@ -2,8 +2,9 @@
 //
 // bf16_gemv(x, w) -> y: y = x @ w.T for a few rows (decode, batched decode): x (M, K) float32 or bfloat16, w (N, K)
 // bfloat16 contiguous, y (M, N) float32. Each bf16 weight is widened to float32 exactly (a 16-bit shift) and
-// multiplied with float32 FMAs, so the products are exact and the sums are float32 sums; the weights stream once
-// from memory for up to 4 rows of x at a time. Output rows are split over PyTorch's intra-op threads.
+// multiplied with float32 FMAs, so the products are exact and the sums are float32 sums (bf16 x on CPUs with
+// AVX512_BF16: vdpbf16ps, the same exact products and float32 sums; block_bf16x); the weights stream once from
+// memory for up to 4 rows of x at a time. Output rows are split over PyTorch's intra-op threads.
 // decode_attention (below): one new token's attention against a bf16 KV cache with the same primitives.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -101,6 +102,51 @@ void block(const float* x, const uint16_t* w, float* y, int64_t K, int64_t N) {
     for (int r = 0; r < R; ++r) y[m * N + r] = out[m][r];
 }
 
+#if defined(__AVX512BF16__)
+// The same for bf16 x (what a bf16 model passes) where the CPU has AVX512_BF16: vdpbf16ps multiplies 32 bf16
+// pairs (exact products in float32) and adds them into 16 float32 sums, one instruction per 64 bytes of a weight
+// row instead of two widenings and two FMAs; fewer instructions per byte keep more loads in flight (Zen 4, decode
+// shapes over 1 GB of weights: 1.07-1.11x the float32 path). Its sums flush denormals to zero.
+template <int R, int MX>
+void block_bf16x(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t N) {
+  const int64_t kv = K / 32 * 32;
+  __m512 acc[MX][R];
+  for (int m = 0; m < MX; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kv; k += 32) {
+    __m512bh wv[R];
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * K + k), _MM_HINT_T0);
+      wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+    }
+    for (int m = 0; m < MX; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);
+    }
+  }
+  float out[MX][R];
+  for (int m = 0; m < MX; ++m)
+    for (int r = 0; r < R; ++r) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+  for (int64_t k = kv; k < K; ++k)  // the tail
+    for (int m = 0; m < MX; ++m)
+      for (int r = 0; r < R; ++r) out[m][r] += bf16_to_float(w[r * K + k]) * bf16_to_float(x[m * K + k]);
+  for (int m = 0; m < MX; ++m)
+    for (int r = 0; r < R; ++r) y[m * N + r] = out[m][r];
+}
+
+template <int R>
+void rows_of_x(const uint16_t* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N) {
+  int64_t m = 0;
+  for (; m + kMaxX <= M; m += kMaxX) block_bf16x<R, kMaxX>(x + m * K, w, y + m * N, K, N);
+  switch (M - m) {
+    case 3: block_bf16x<R, 3>(x + m * K, w, y + m * N, K, N); break;
+    case 2: block_bf16x<R, 2>(x + m * K, w, y + m * N, K, N); break;
+    case 1: block_bf16x<R, 1>(x + m * K, w, y + m * N, K, N); break;
+    default: break;
+  }
+}
+#endif
+
 template <int R>
 void rows_of_x(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N) {
   int64_t m = 0;
@@ -122,11 +168,10 @@ at::Tensor product_input(const at::Tensor& x_in, const at::Tensor& w, const char
   return x_in.to(at::kFloat).contiguous();
 }
 
-at::Tensor bf16_gemv(const at::Tensor& x_in, const at::Tensor& w) {
-  const at::Tensor x = product_input(x_in, w, "bf16_gemv");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
+template <typename X>
+at::Tensor gemv_rows(const X* xp, const at::Tensor& w, int64_t M, int64_t K, const at::TensorOptions& options) {
+  const int64_t N = w.size(0);
+  at::Tensor y = at::empty({M, N}, options.dtype(at::kFloat));
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
   const int64_t blocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
@@ -147,6 +192,19 @@ at::Tensor bf16_gemv(const at::Tensor& x_in, const at::Tensor& w) {
     }
   });
   return y;
+}
+
+at::Tensor bf16_gemv(const at::Tensor& x_in, const at::Tensor& w) {
+#if defined(__AVX512BF16__)
+  if (x_in.scalar_type() == at::kBFloat16 && x_in.dim() == 2) {
+    product_input(x_in.narrow(0, 0, 0), w, "bf16_gemv");  // the checks only
+    const at::Tensor x = x_in.contiguous();
+    return gemv_rows(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), w, x.size(0), x.size(1),
+                     x.options());
+  }
+#endif
+  const at::Tensor x = product_input(x_in, w, "bf16_gemv");
+  return gemv_rows(x.data_ptr<float>(), w, x.size(0), x.size(1), x.options());
 }
 
 // bf16_gemm(x, w) -> y: the same product for many rows (prefill, the CLIP tower): blocks of kPanelK inputs x
