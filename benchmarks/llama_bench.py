@@ -1,8 +1,9 @@
 """phi3v against llama.cpp on the same Phi-3 / Phi-3.5-mini text checkpoint, at every bit width, in one run:
 bf16 / Q8_0 / Q4_0 GGUFs through `llama-bench` beside `phi3v bench` in bf16 / int8 / int4 (group 128), with
-interleaved repetitions (one llama.cpp run, then one phi3v run, per width per repetition, so that whatever else the
-machine is doing hits both sides), medians, ratios, the CPU's flags and the decode bandwidth limit
-(weight bytes read per token / the measured read bandwidth).
+interleaved repetitions (one llama.cpp run and one phi3v run per width per repetition, the order alternating, so
+that whatever else the machine is doing hits both sides), medians, the ratio of the medians and the median of each
+repetition's own ratio (its two runs are neighbours in time: on a VM whose memory bandwidth drifts, the steadier
+figure), the CPU's flags and the decode bandwidth limit (weight bytes read per token / the measured read bandwidth).
 
     python benchmarks/build_llama_cpp.py        # once: llama-bench and llama-quantize into ~/.cache/phi3v/llama.cpp
     python benchmarks/llama_bench.py --model DIR [--widths bf16,int8,int4] [--reps 3] [--prompt-tokens 128]
@@ -359,29 +360,36 @@ def main(argv: list[str] | None = None) -> int:
     runs = {(side, w): [] for w in widths for side in ("llama.cpp", "phi3v")}
     for rep in range(args.reps):
         for w in widths:
-            runs["llama.cpp", w].append(run_llama_bench(tools["llama-bench"], paths[w], args.prompt_tokens,
-                                                        args.new_tokens, args.threads))
-            runs["phi3v", w].append(run_phi3v_bench(model_dir, args.prompt_tokens, args.new_tokens, args.threads,
-                                                    WIDTHS[w][1]))
+            sides = {"llama.cpp": lambda: run_llama_bench(tools["llama-bench"], paths[w], args.prompt_tokens,
+                                                          args.new_tokens, args.threads),
+                     "phi3v": lambda: run_phi3v_bench(model_dir, args.prompt_tokens, args.new_tokens, args.threads,
+                                                      WIDTHS[w][1])}
+            for side in (("llama.cpp", "phi3v") if rep % 2 == 0 else ("phi3v", "llama.cpp")):  # alternate who goes first
+                runs[side, w].append(sides[side]())
             print(f"  rep {rep + 1} {w}: llama.cpp {runs['llama.cpp', w][-1]}, phi3v "
                   f"{ {k: round(v, 2) for k, v in runs['phi3v', w][-1].items() if k.endswith('tok_s')} }", flush=True)
     bw.append(read_bandwidth_gb_s(args.threads))
     n_w = decode_weights(model_dir)
     print(f"read bandwidth {bw[0]:.1f} GB/s before, {bw[1]:.1f} GB/s after; {n_w / 1e9:.2f} G weights read per token")
     print(f"{'width':7}{'llama.cpp pp/tg tok/s':>24}{'phi3v pp/tg tok/s':>22}{'ratio pp/tg':>14}"
-          f"{'tg limit (ours/GGUF)':>22}")
+          f"{'per rep pp/tg':>16}{'tg limit (ours/GGUF)':>22}")
     summary = {}
     for w in widths:
         med = {side: {k: median([r[k] for r in runs[side, w] if k in r]) for k in ("prefill_tok_s", "decode_tok_s")}
                for side in ("llama.cpp", "phi3v")}
         ratio = {k: med["phi3v"][k] / med["llama.cpp"][k] for k in med["phi3v"]}
+        # each repetition's own ratio (its two runs are neighbours in time, so slow drifts of the machine's speed
+        # cancel), the median over repetitions
+        per_rep = {k: median([p[k] / q[k] for q, p in zip(runs["llama.cpp", w], runs["phi3v", w])
+                              if k in p and k in q]) for k in ("prefill_tok_s", "decode_tok_s")}
         limit = [max(bw) * 1e9 / (n_w * b) for b in BYTES_PER_WEIGHT[w]]
-        summary[w] = {"median": med, "ratio": ratio, "decode_limit_tok_s": limit, "runs": {
+        summary[w] = {"median": med, "ratio": ratio, "ratio_per_rep": per_rep, "decode_limit_tok_s": limit, "runs": {
             side: runs[side, w] for side in ("llama.cpp", "phi3v")}}
         lm, ph = med["llama.cpp"], med["phi3v"]
         print(f"{w + '/' + WIDTHS[w][0]:7}{lm['prefill_tok_s']:>15.1f} /{lm['decode_tok_s']:>6.2f}"
               f"{ph['prefill_tok_s']:>14.1f} /{ph['decode_tok_s']:>6.2f}"
-              f"{ratio['prefill_tok_s']:>8.2f} /{ratio['decode_tok_s']:>5.2f}{limit[0]:>13.1f} /{limit[1]:>6.1f}")
+              f"{ratio['prefill_tok_s']:>8.2f} /{ratio['decode_tok_s']:>5.2f}"
+              f"{per_rep['prefill_tok_s']:>10.2f} /{per_rep['decode_tok_s']:>5.2f}{limit[0]:>13.1f} /{limit[1]:>6.1f}")
     print(json.dumps({"cpu": cpu_summary(), "bandwidth_gb_s": bw, "widths": summary}))
     return 0
 
