@@ -299,6 +299,8 @@ def test_int8_layer_runs_the_native_kernel_in_the_decoder_and_fbgemm_in_the_visi
     assert torch.equal(layer(x), expect)
     ref = int8_reference(x.float(), layer.weight, layer.scales.float()) + layer.bias.double()
     assert ((layer(x).double() - ref).abs() <= ref.abs().amax() * 2**-6).all()  # the output's and bias's roundings
+    layer.to(torch.bfloat16)  # casts the kernel's float32 scales too: they were bf16 values, the result is the same
+    assert torch.equal(layer(x), expect)
     for kw in ({"native": False}, {"activation_bits": 16}):
         other = WeightOnlyInt8Linear.from_linear(lin, **kw)
         assert other.native_packed is None

@@ -178,7 +178,8 @@ class WeightOnlyInt8Linear(QuantizedLinear):
 
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         if self.native_packed is not None and x2d.device.type == "cpu":
-            return native.int8_matmul(x2d, self.native_packed, self.native_scale).to(x2d.dtype)
+            # (.float(): a no-op, unless a model.to(dtype) cast the float32 scales)
+            return native.int8_matmul(x2d, self.native_packed, self.native_scale.float()).to(x2d.dtype)
         packed = getattr(self, "packed", None)
         if packed is not None and x2d.device.type == "cpu" and self.weight.device.type == "cpu":
             return cpu_int8.matmul(x2d, packed, self.activation_bits, x2d.dtype)
