@@ -68,15 +68,14 @@ def main() -> None:
         w = torch.randn(n, k, generator=g) * 0.02
         q8, s8 = quantize_int8(w, torch.bfloat16)
         q4, sz = quantize_int4(w, 128, torch.bfloat16)
-        s_, z_ = sz.float().unbind(-1)
-        terms = torch.stack([s_, z_ - 8 * s_], 1).view(k // 128, 2, n // 16, 16).permute(2, 0, 1, 3).contiguous()
+        terms = sz.permute(0, 2, 1).reshape(k // 128, 2, n // 16, 16).permute(2, 0, 1, 3).contiguous()  # int4_scales
         layers.append({"k": k, "bf16": w.to(torch.bfloat16), "int8": first.int8_pack(q8), "scale": s8.float(),
                        "fbgemm": cpu_int8.prepack(q8, s8) if cpu_int8.available() else None,
                        "int4": first.int4_pack(q4), "terms": terms})
         del w
     x = {k: torch.randn(args.rows, k, generator=g).to(torch.bfloat16) for k in (3072, 8192)}
     nbytes = {"bf16": sum(n * k * 2 for n, k in SHAPES), "int8": sum(n * k for n, k in SHAPES),
-              "int4": sum(L["int4"].numel() + L["terms"].numel() * 4 for L in layers)}
+              "int4": sum(L["int4"].numel() + L["terms"].numel() * 2 for L in layers)}
 
     def timed(nb, fn):
         t0 = time.perf_counter()

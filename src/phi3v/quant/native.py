@@ -112,13 +112,14 @@ def int4_pack(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 def int4_scales(scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """(K/G, N, 2) scale, zero -> float32 (N/16, K/G, 2, 16) scale, zero - 8 * scale: the int4 GEMM's per-group
-    terms, each block of 16 output columns' terms contiguous, group after group (one sequential stream beside the
-    block's weights: a (K/G, 2, N) layout made every group a page of its own, 1.2x slower decode on Zen 3)."""
-    s, z = scales_and_zeros.float().unbind(-1)  # (K/G, N) each
-    terms = torch.stack([s, z - 8 * s], dim=1)  # (K/G, 2, N)
+    """(K/G, N, 2) scale, zero -> (N/16, K/G, 2, 16) scale, zero: the int4 GEMM's per-group terms, each block of 16
+    output columns' terms contiguous, group after group (one sequential stream beside the block's weights: a
+    (K/G, 2, N) layout made every group a page of its own, 1.2x slower decode on Zen 3). bf16 for a bf16
+    checkpoint (its own values, half the bytes), else float32 (float16 scales would lose bits in bf16)."""
+    dtype = torch.bfloat16 if scales_and_zeros.dtype == torch.bfloat16 else torch.float32
+    terms = scales_and_zeros.to(dtype).permute(0, 2, 1)  # (K/G, 2, N)
     G_, _, N = terms.shape
-    return terms.view(G_, 2, N // 16, 16).permute(2, 0, 1, 3).contiguous()
+    return terms.reshape(G_, 2, N // 16, 16).permute(2, 0, 1, 3).contiguous()
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:

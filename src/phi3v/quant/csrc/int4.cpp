@@ -5,7 +5,9 @@
 // nibble and at 8u + 4 + j in its high nibble (the layout of VNNI's 4-wide u8 x s8 dot products).
 // Activations: each row quantized to int8 with its own scale (x ~ a * xq, |xq| <= 127), as llama.cpp's Q8_0 does per
 // block of 32. Per group g of G inputs, with D = sum xq * q and X = sum xq (both exact int32):
-//   y[m][n] = a_m * sum_g ( scale[g][n] * D + (zero[g][n] - 8 scale[g][n]) * X[m][g] )
+//   y[m][n] = a_m * sum_g ( scale[g][n] * (D - 8 X[m][g]) + zero[g][n] * X[m][g] )
+// The terms (scale, zero) are stored beside each block of 16 columns in bf16 for a bf16 checkpoint (its own values:
+// half the bytes of float32, 6% fewer bytes per decoded token), else in float32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -73,6 +75,23 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t G, int8_t* xq, 
   }
 }
 
+inline float term(const float* p) { return *p; }
+inline float term(const at::BFloat16* p) { return static_cast<float>(*p); }
+#if defined(__AVX512F__)
+inline __m512 terms16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 terms16(const at::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
+#if defined(__AVX2__)
+inline __m256 terms8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 terms8(const at::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+#endif
+
 inline int32_t load4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -80,9 +99,9 @@ inline int32_t load4(const int8_t* p) {
 }
 
 // One block of 16 * NB output columns for MR rows of x: y[m][n0 + ...]. sz: the first column block's terms,
-// (K/G, 2, 16) float32 per block = scale, zero - 8 scale; the next block's follow (stride_sz floats).
-template <int MR, int NB>
-void block(const int8_t* xq, const float* a, const int32_t* X, const uint8_t* units, const float* sz, float* y,
+// (K/G, 2, 16) per block = scale, zero; the next block's follow (stride_sz values).
+template <int MR, int NB, typename T>
+void block(const int8_t* xq, const float* a, const int32_t* X, const uint8_t* units, const T* sz, float* y,
            int64_t K, int64_t N, int64_t G, int64_t n0) {
   const int64_t groups = K / G, per_group = G / kIns, stride_nb = (K / kIns) * kUnit, stride_sz = groups * 2 * kCols;
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
@@ -112,10 +131,11 @@ void block(const int8_t* xq, const float* a, const int32_t* X, const uint8_t* un
       }
     }
     for (int b = 0; b < NB; ++b) {
-      const __m512 s = _mm512_loadu_ps(sz + b * stride_sz + g * 2 * kCols);
-      const __m512 zz = _mm512_loadu_ps(sz + b * stride_sz + g * 2 * kCols + kCols);
+      const __m512 s = terms16(sz + b * stride_sz + g * 2 * kCols);
+      const __m512 zz = terms16(sz + b * stride_sz + g * 2 * kCols + kCols);
       for (int m = 0; m < MR; ++m) {
-        facc[m][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m][b]), s, facc[m][b]);
+        const __m512i d = _mm512_sub_epi32(iacc[m][b], _mm512_set1_epi32(8 * X[m * groups + g]));  // exact
+        facc[m][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, facc[m][b]);
         facc[m][b] = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(X[m * groups + g])), zz, facc[m][b]);
       }
     }
@@ -159,11 +179,12 @@ void block(const int8_t* xq, const float* a, const int32_t* X, const uint8_t* un
       }
     }
     for (int b = 0; b < 2 * NB; ++b) {
-      const float* t = sz + (b / 2) * stride_sz + g * 2 * kCols + (b % 2) * 8;
-      const __m256 s = _mm256_loadu_ps(t);
-      const __m256 zz = _mm256_loadu_ps(t + kCols);
+      const T* t = sz + (b / 2) * stride_sz + g * 2 * kCols + (b % 2) * 8;
+      const __m256 s = terms8(t);
+      const __m256 zz = terms8(t + kCols);
       for (int m = 0; m < MR; ++m) {
-        facc[m][b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m][b]), s, facc[m][b]);
+        const __m256i d = _mm256_sub_epi32(iacc[m][b], _mm256_set1_epi32(8 * X[m * groups + g]));  // exact
+        facc[m][b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, facc[m][b]);
         facc[m][b] = _mm256_fmadd_ps(_mm256_set1_ps(static_cast<float>(X[m * groups + g])), zz, facc[m][b]);
       }
     }
@@ -184,16 +205,17 @@ void block(const int8_t* xq, const float* a, const int32_t* X, const uint8_t* un
             const uint8_t byte = col_units[u * kUnit + 4 * cc + j];
             d += (byte & 15) * xq[m * K + u * kIns + j] + (byte >> 4) * xq[m * K + u * kIns + 4 + j];
           }
-        const float* t = sz + (c / kCols) * stride_sz + g * 2 * kCols + cc;
-        acc += t[0] * static_cast<float>(d) + t[kCols] * static_cast<float>(X[m * groups + g]);
+        const T* t = sz + (c / kCols) * stride_sz + g * 2 * kCols + cc;
+        const int32_t xg = X[m * groups + g];
+        acc += term(t) * static_cast<float>(d - 8 * xg) + term(t + kCols) * static_cast<float>(xg);
       }
       y[m * N + n0 + c] = acc * a[m];
     }
 #endif
 }
 
-template <int NB>
-void columns(const int8_t* xq, const float* a, const int32_t* X, const uint8_t* units, const float* sz, float* y,
+template <int NB, typename T>
+void columns(const int8_t* xq, const float* a, const int32_t* X, const uint8_t* units, const T* sz, float* y,
              int64_t M, int64_t K, int64_t N, int64_t G, int64_t n0) {
   const int64_t groups = K / G;
   int64_t m = 0;
@@ -207,28 +229,9 @@ void columns(const int8_t* xq, const float* a, const int32_t* X, const uint8_t* 
   }
 }
 
-// x (M, K) float32 or bf16, packed (N/16, K/8, 64) uint8, sz (N/16, K/G, 2, 16) float32 -> y (M, N) float32
-at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& sz, int64_t G) {
-  TORCH_CHECK(x_in.dim() == 2 && packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
-              "int4_matmul: x (M, K) and the weight packed by int4_pack");
-  const int64_t M = x_in.size(0), K = x_in.size(1), N = packed.size(0) * kCols;
-  TORCH_CHECK(packed.size(1) * kIns == K, "int4_matmul: x has ", K, " features, the weight ", packed.size(1) * kIns);
-  TORCH_CHECK(G % kIns == 0 && K % G == 0, "int4_matmul: group size ", G, " must divide K and be a multiple of 8");
-  TORCH_CHECK(sz.scalar_type() == at::kFloat && sz.is_contiguous() && sz.dim() == 4 && sz.size(0) == N / kCols &&
-                  sz.size(1) == K / G && sz.size(2) == 2 && sz.size(3) == kCols,
-              "int4_matmul: sz must be float32 (N/16, K/G, 2, 16)");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor a = at::empty({M}, x.options());
-  at::Tensor X = at::empty({M, K / G}, x.options().dtype(at::kInt));
-  quantize_rows(x.data_ptr<float>(), M, K, G, xq.data_ptr<int8_t>(), a.data_ptr<float>(), X.data_ptr<int32_t>());
-  at::Tensor y = at::empty({M, N}, x.options());
-  const int8_t* xqp = xq.data_ptr<int8_t>();
-  const float* ap = a.data_ptr<float>();
-  const int32_t* Xp = X.data_ptr<int32_t>();
-  const uint8_t* wp = packed.data_ptr<uint8_t>();
-  const float* szp = sz.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+template <typename T>
+void run(const int8_t* xqp, const float* ap, const int32_t* Xp, const uint8_t* wp, const T* szp, float* yp, int64_t M,
+         int64_t K, int64_t N, int64_t G) {
   const int64_t stride_nb = (K / kIns) * kUnit;
   // tasks of two blocks of 16 columns (x's loads shared; an odd last block goes alone), or of one for a few rows
   // (decode: one stream of units per task streams faster, see kPrefetch)
@@ -239,13 +242,41 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Te
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * wide * kCols;
       const uint8_t* units = wp + (n0 / kCols) * stride_nb;
-      const float* terms = szp + (n0 / kCols) * (K / G) * 2 * kCols;
+      const T* terms = szp + (n0 / kCols) * (K / G) * 2 * kCols;
       if (t < pairs)
         columns<2>(xqp, ap, Xp, units, terms, yp, M, K, N, G, n0);
       else
         columns<1>(xqp, ap, Xp, units, terms, yp, M, K, N, G, n0);
     }
   });
+}
+
+// x (M, K) float32 or bf16, packed (N/16, K/8, 64) uint8, sz (N/16, K/G, 2, 16) bf16 or float32 -> y (M, N) float32
+at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& sz, int64_t G) {
+  TORCH_CHECK(x_in.dim() == 2 && packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "int4_matmul: x (M, K) and the weight packed by int4_pack");
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = packed.size(0) * kCols;
+  TORCH_CHECK(packed.size(1) * kIns == K, "int4_matmul: x has ", K, " features, the weight ", packed.size(1) * kIns);
+  TORCH_CHECK(G % kIns == 0 && K % G == 0, "int4_matmul: group size ", G, " must divide K and be a multiple of 8");
+  TORCH_CHECK((sz.scalar_type() == at::kFloat || sz.scalar_type() == at::kBFloat16) && sz.is_contiguous() &&
+                  sz.dim() == 4 && sz.size(0) == N / kCols && sz.size(1) == K / G && sz.size(2) == 2 &&
+                  sz.size(3) == kCols,
+              "int4_matmul: sz must be bf16 or float32 (N/16, K/G, 2, 16)");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor a = at::empty({M}, x.options());
+  at::Tensor X = at::empty({M, K / G}, x.options().dtype(at::kInt));
+  quantize_rows(x.data_ptr<float>(), M, K, G, xq.data_ptr<int8_t>(), a.data_ptr<float>(), X.data_ptr<int32_t>());
+  at::Tensor y = at::empty({M, N}, x.options());
+  const int8_t* xqp = xq.data_ptr<int8_t>();
+  const float* ap = a.data_ptr<float>();
+  const int32_t* Xp = X.data_ptr<int32_t>();
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  if (sz.scalar_type() == at::kBFloat16)
+    run(xqp, ap, Xp, wp, sz.data_ptr<at::BFloat16>(), yp, M, K, N, G);
+  else
+    run(xqp, ap, Xp, wp, sz.data_ptr<float>(), yp, M, K, N, G);
   return y;
 }
 
