@@ -3,7 +3,7 @@
 // bf16_gemv(x, w) -> y: y = x @ w.T for a few rows (decode, batched decode): x (M, K) float32 or bfloat16, w (N, K)
 // bfloat16 contiguous, y (M, N) float32. Each bf16 weight is widened to float32 exactly (a 16-bit shift) and
 // multiplied with float32 FMAs, so the products are exact and the sums are float32 sums (bf16 x on CPUs with
-// AVX512_BF16: vdpbf16ps, the same exact products and float32 sums; block_bf16x); the weights stream once from
+// AVX512_BF16: vdpbf16ps, the same exact products and float32 sums: the uint16_t block); the weights stream once from
 // memory for up to 4 rows of x at a time. Output rows are split over PyTorch's intra-op threads.
 // decode_attention (below): one new token's attention against a bf16 KV cache with the same primitives.
 #include <ATen/ATen.h>
@@ -108,7 +108,7 @@ void block(const float* x, const uint16_t* w, float* y, int64_t K, int64_t N) {
 // row instead of two widenings and two FMAs; fewer instructions per byte keep more loads in flight (Zen 4, decode
 // shapes over 1 GB of weights: 1.07-1.11x the float32 path). Its sums flush denormals to zero.
 template <int R, int MX>
-void block_bf16x(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t N) {
+void block(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t N) {
   const int64_t kv = K / 32 * 32;
   __m512 acc[MX][R];
   for (int m = 0; m < MX; ++m)
@@ -134,21 +134,11 @@ void block_bf16x(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int6
     for (int r = 0; r < R; ++r) y[m * N + r] = out[m][r];
 }
 
-template <int R>
-void rows_of_x(const uint16_t* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N) {
-  int64_t m = 0;
-  for (; m + kMaxX <= M; m += kMaxX) block_bf16x<R, kMaxX>(x + m * K, w, y + m * N, K, N);
-  switch (M - m) {
-    case 3: block_bf16x<R, 3>(x + m * K, w, y + m * N, K, N); break;
-    case 2: block_bf16x<R, 2>(x + m * K, w, y + m * N, K, N); break;
-    case 1: block_bf16x<R, 1>(x + m * K, w, y + m * N, K, N); break;
-    default: break;
-  }
-}
 #endif
 
-template <int R>
-void rows_of_x(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N) {
+// x's rows kMaxX at a time: x float32, or bf16 where the uint16_t block is built (overloads)
+template <int R, typename X>
+void rows_of_x(const X* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N) {
   int64_t m = 0;
   for (; m + kMaxX <= M; m += kMaxX) block<R, kMaxX>(x + m * K, w, y + m * N, K, N);
   switch (M - m) {
