@@ -34,14 +34,15 @@ def build(target: str):
     where.mkdir(parents=True, exist_ok=True)
     lib = f"phi3v_dk_{target.replace('-', '_')}"
     sources = []
-    for name in ("gemv.cpp", "int4.cpp", "int8.cpp"):
+    for name in ("int_rows.h", "gemv.cpp", "int4.cpp", "int8.cpp"):
         text = (ROOT / "src/phi3v/quant/csrc" / name).read_text()
         text = text.replace("TORCH_LIBRARY(phi3v_native", f"TORCH_LIBRARY({lib}").replace(
             "TORCH_LIBRARY_FRAGMENT(phi3v_native", f"TORCH_LIBRARY_FRAGMENT({lib}")
         path = where / name
         if not path.exists() or path.read_text() != text:
             path.write_text(text)
-        sources.append(str(path))
+        if name.endswith(".cpp"):
+            sources.append(str(path))
     cpp_extension.load(name=lib, sources=sources, build_directory=str(where), is_python_module=False,
                        extra_cflags=["-O3", f"-march={target}", "-fopenmp"], extra_ldflags=["-fopenmp"])
     return getattr(torch.ops, lib)

@@ -57,6 +57,11 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=False)
         self.o_proj = nn.Linear(q, cfg.hidden_size, bias=False)
 
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """apply_rotary, through the installed `rotary` where it applies (each tensor decides for itself)."""
+        y = self.rotary(x, cos, sin) if self.rotary is not None else None
+        return apply_rotary(x, cos, sin) if y is None else y
+
     def qkv(self, x: torch.Tensor):
         q, kv = self.nh * self.hd, self.nkv * self.hd
         return self.qkv_proj(x).split([q, kv, kv], dim=-1)
@@ -67,11 +72,7 @@ class Attention(nn.Module):
         q = q.view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)
-        fused = self.rotary(q, cos, sin) if self.rotary is not None else None
-        if fused is not None:
-            q, k = fused, self.rotary(k, cos, sin)
-        else:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, pos, k, v, kv_len)  # (B, nkv, S, hd)
         y = self.decode_kernel(q, k, v, mask) if T == 1 and self.decode_kernel is not None else None

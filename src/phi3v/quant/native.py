@@ -21,6 +21,7 @@ import torch
 from ..hardware import cpu_flags
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("gemv.cpp", "int4.cpp", "int8.cpp", "rows.cpp", "fused.cpp"))
+HEADERS = (Path(__file__).with_name("csrc") / "int_rows.h",)  # included by the sources: part of the build key
 LIBRARY = "phi3v_native"
 # -fopenmp: at::parallel_for is inlined into the library and runs on OpenMP (PyTorch's own libgomp.so.1, already
 # loaded by the process, serves it); without it every kernel would run on one thread. PHI3V_NATIVE_MARCH (default
@@ -38,7 +39,7 @@ def cache_root() -> Path:
 def build_key() -> str:
     """What the compiled library depends on: the source, torch, the compiler target (this CPU's flags)."""
     h = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         h.update(source.read_bytes())
     h.update(torch.__version__.encode())
     h.update(" ".join(CFLAGS).encode())

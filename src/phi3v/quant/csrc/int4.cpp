@@ -20,7 +20,11 @@
 #include <immintrin.h>
 #endif
 
+#include "int_rows.h"
+
 namespace phi3v_int4 {
+
+using phi3v_int_rows::load4;
 
 constexpr int64_t kCols = 16;  // output columns per unit
 constexpr int64_t kIns = 8;    // inputs per unit
@@ -55,26 +59,6 @@ at::Tensor pack(const at::Tensor& w) {
   return out;
 }
 
-// rows of x -> xq (M, K) int8, scale a (M), group sums X (M, K/G) int32
-void quantize_rows(const float* x, int64_t M, int64_t K, int64_t G, int8_t* xq, float* a, int32_t* X) {
-  for (int64_t m = 0; m < M; ++m) {
-    const float* r = x + m * K;
-    float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(r[k]));
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    a[m] = amax / 127.f;
-    for (int64_t g = 0; g < K / G; ++g) {
-      int32_t sum = 0;
-      for (int64_t k = g * G; k < (g + 1) * G; ++k) {
-        const int32_t v = static_cast<int32_t>(std::nearbyint(r[k] * inv));
-        xq[m * K + k] = static_cast<int8_t>(v);
-        sum += v;
-      }
-      X[m * (K / G) + g] = sum;
-    }
-  }
-}
-
 inline float term(const float* p) { return *p; }
 inline float term(const at::BFloat16* p) { return static_cast<float>(*p); }
 #if defined(__AVX512F__)
@@ -91,12 +75,6 @@ inline __m256 terms8(const at::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 #endif
-
-inline int32_t load4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
 
 // One block of 16 * NB output columns for MR rows of x: y[m][n0 + ...]. sz: the first column block's terms,
 // (K/G, 2, 16) per block = scale, zero; the next block's follow (stride_sz values).
@@ -233,21 +211,15 @@ template <typename T>
 void run(const int8_t* xqp, const float* ap, const int32_t* Xp, const uint8_t* wp, const T* szp, float* yp, int64_t M,
          int64_t K, int64_t N, int64_t G) {
   const int64_t stride_nb = (K / kIns) * kUnit;
-  // tasks of two blocks of 16 columns (x's loads shared; an odd last block goes alone), or of one for a few rows
-  // (decode: one stream of units per task streams faster, see kPrefetch)
-  const int64_t wide = M > 4 ? 2 : 1;
-  const int64_t pairs = wide == 2 ? N / (2 * kCols) : 0;
-  const int64_t tasks = wide == 2 ? pairs + (N / kCols) % 2 : N / kCols;
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * wide * kCols;
-      const uint8_t* units = wp + (n0 / kCols) * stride_nb;
-      const T* terms = szp + (n0 / kCols) * (K / G) * 2 * kCols;
-      if (t < pairs)
-        columns<2>(xqp, ap, Xp, units, terms, yp, M, K, N, G, n0);
-      else
-        columns<1>(xqp, ap, Xp, units, terms, yp, M, K, N, G, n0);
-    }
+  // tasks of two blocks of 16 columns (x's loads shared), or of one for a few rows (decode: one stream of units per
+  // task streams faster, see kPrefetch)
+  phi3v_int_rows::column_tasks(N / kCols, M > 4 ? 2 : 1, [&](int64_t b0, int64_t nb) {
+    const uint8_t* units = wp + b0 * stride_nb;
+    const T* terms = szp + b0 * (K / G) * 2 * kCols;
+    if (nb == 2)
+      columns<2>(xqp, ap, Xp, units, terms, yp, M, K, N, G, b0 * kCols);
+    else
+      columns<1>(xqp, ap, Xp, units, terms, yp, M, K, N, G, b0 * kCols);
   });
 }
 
@@ -262,12 +234,9 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Te
                   sz.dim() == 4 && sz.size(0) == N / kCols && sz.size(1) == K / G && sz.size(2) == 2 &&
                   sz.size(3) == kCols,
               "int4_matmul: sz must be bf16 or float32 (N/16, K/G, 2, 16)");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor a = at::empty({M}, x.options());
-  at::Tensor X = at::empty({M, K / G}, x.options().dtype(at::kInt));
-  quantize_rows(x.data_ptr<float>(), M, K, G, xq.data_ptr<int8_t>(), a.data_ptr<float>(), X.data_ptr<int32_t>());
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor xq, a, X;
+  phi3v_int_rows::quantize(x_in, G, xq, a, X);
+  at::Tensor y = at::empty({M, N}, a.options());
   const int8_t* xqp = xq.data_ptr<int8_t>();
   const float* ap = a.data_ptr<float>();
   const int32_t* Xp = X.data_ptr<int32_t>();

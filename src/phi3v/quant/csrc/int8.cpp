@@ -20,7 +20,11 @@
 #include <immintrin.h>
 #endif
 
+#include "int_rows.h"
+
 namespace phi3v_int8 {
+
+using phi3v_int_rows::load4;
 
 constexpr int64_t kCols = 16;  // output columns per unit
 constexpr int64_t kIns = 4;    // inputs per unit
@@ -60,36 +64,6 @@ at::Tensor unpack(const at::Tensor& p) {
       for (int64_t c = 0; c < kCols; ++c)
         std::memcpy(dst + (nb * kCols + c) * K + u * kIns, src + (nb * (K / kIns) + u) * kUnit + 4 * c, 4);
   return out;
-}
-
-template <typename T>
-inline float value(const T* p, int64_t k) { return static_cast<float>(p[k]); }
-
-// rows of x (float32 or bf16) -> xq (M, K) int8, scale a (M), row sums X (M) int32
-template <typename T>
-void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* xq, float* a, int32_t* X) {
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const T* r = x + m * K;
-      float amax = 0.f;
-      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(value(r, k)));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      a[m] = amax / 127.f;
-      int32_t sum = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        const int32_t v = static_cast<int32_t>(std::nearbyint(value(r, k) * inv));
-        xq[m * K + k] = static_cast<int8_t>(v);
-        sum += v;
-      }
-      X[m] = sum;
-    }
-  });
-}
-
-inline int32_t load4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
 }
 
 // y[m][n0 + 16 b + c] for MR rows of x and NB blocks of 16 columns (units: the first block's; the next follow at
@@ -198,15 +172,9 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Te
   TORCH_CHECK(K <= 65536, "int8_matmul: K above 65536 could overflow the int32 sums");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 1 && scale.size(0) == N,
               "int8_matmul: scale must be float32 (N,)");
-  const at::Tensor x = x_in.scalar_type() == at::kBFloat16 ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
-  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor a = at::empty({M}, x.options().dtype(at::kFloat));
-  at::Tensor X = at::empty({M}, x.options().dtype(at::kInt));
-  if (x.scalar_type() == at::kBFloat16)
-    quantize_rows(x.data_ptr<at::BFloat16>(), M, K, xq.data_ptr<int8_t>(), a.data_ptr<float>(), X.data_ptr<int32_t>());
-  else
-    quantize_rows(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), a.data_ptr<float>(), X.data_ptr<int32_t>());
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  at::Tensor xq, a, X;
+  phi3v_int_rows::quantize(x_in, K, xq, a, X);
+  at::Tensor y = at::empty({M, N}, a.options());
   const int8_t* xqp = xq.data_ptr<int8_t>();
   const float* ap = a.data_ptr<float>();
   const int32_t* Xp = X.data_ptr<int32_t>();
@@ -214,22 +182,14 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Te
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t stride_nb = (K / kIns) * kUnit;
-  // tasks of `wide` blocks of 16 columns: four weight streams beside a tile of 4 rows for many rows (x's loads
-  // shared), one for a few (one stream per task streams fastest, see kPrefetch); the last blocks one at a time
-  const int64_t wide = M > 4 ? 4 : 1, blocks = N / kCols, full = blocks / wide;
-  const int64_t tasks = full + blocks % wide;
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b0 = t < full ? t * wide : full * wide + (t - full);
-      const int64_t n0 = b0 * kCols;
-      const int8_t* units = wp + b0 * stride_nb;
-      if (t >= full || wide == 1)
-        columns<1>(xqp, ap, Xp, units, sp, yp, M, K, N, n0);
-      else if (wide == 4)
-        columns<4>(xqp, ap, Xp, units, sp, yp, M, K, N, n0);
-      else
-        columns<2>(xqp, ap, Xp, units, sp, yp, M, K, N, n0);
-    }
+  // tasks of four blocks of 16 columns beside a tile of 4 rows for many rows (x's loads shared), of one for a few
+  // (one stream per task streams fastest, see kPrefetch)
+  phi3v_int_rows::column_tasks(N / kCols, M > 4 ? 4 : 1, [&](int64_t b0, int64_t nb) {
+    const int8_t* units = wp + b0 * stride_nb;
+    if (nb == 4)
+      columns<4>(xqp, ap, Xp, units, sp, yp, M, K, N, b0 * kCols);
+    else
+      columns<1>(xqp, ap, Xp, units, sp, yp, M, K, N, b0 * kCols);
   });
   return y;
 }
