@@ -6,9 +6,11 @@ counting the body bytes the app pulled, "the connection times out" by the server
 """
 
 import asyncio
+import ctypes
 import gc
 import io
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -429,6 +431,43 @@ def test_trim_heap_gives_freed_memory_back_to_the_os():
     out = subprocess.run([sys.executable, "-c", TRIM_CHILD], capture_output=True, text=True, check=True).stdout
     ok, freed = out.split()
     assert ok == "True" and int(freed) >= 120  # of the 128 MiB freed
+
+
+HEAP_CHILD = """
+import ctypes, torch
+from phi3v.hardware import keep_heap_pages
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                                "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+kept = keep_heap_pages()
+block = torch.empty(48 << 20, dtype=torch.uint8).fill_(1)  # a 48 MiB activation, as a big layer's prefill makes
+mapped = libc.mallinfo2().hblkhd  # bytes in blocks glibc mapped on their own (unmapped again, pages lost, on free)
+del block
+print(kept, mapped >> 20, libc.mallinfo2().fordblks >> 20)  # fordblks: freed bytes the heap keeps mapped
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallinfo2"),
+                    reason="glibc 2.33+ (mallopt, mallinfo2)")
+def test_keep_heap_pages_serves_big_activations_from_pages_the_heap_keeps():
+    """glibc maps every block of 32 MiB and more on its own and unmaps it on free, so each forward faults its big
+    activations in again; after keep_heap_pages() (which load() calls on CPU) they come from the heap, whose freed
+    pages stay for the next forward. The speed this buys is measured by `phi3v bench`, not here."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "PHI3V_KEEP_HEAP"}
+
+    def child(**env):
+        out = subprocess.run([sys.executable, "-c", HEAP_CHILD], capture_output=True, text=True, check=True,
+                             env={**base, **env}).stdout
+        kept, mapped, kept_free = out.split()
+        return kept, int(mapped), int(kept_free)
+
+    kept, mapped, kept_free = child()
+    assert kept == "True" and mapped < 48 and kept_free >= 48  # from the heap, and still there after the free
+    kept, mapped, kept_free = child(PHI3V_KEEP_HEAP="0")
+    assert kept == "False" and mapped >= 48  # glibc's default: a mapping of its own
+    assert child(MALLOC_TOP_PAD_="0")[0] == "False"  # the user's own glibc settings are left alone
 
 
 def _loop_quiet(svc) -> bool:

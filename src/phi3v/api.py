@@ -14,7 +14,7 @@ from .checkpoint.load import load_causal_lm, parse_dtype
 from .checkpoint.random import RANDOM_MARKER
 from .errors import InputError
 from .examples import nano_dir
-from .hardware import auto_dtype
+from .hardware import auto_dtype, keep_heap_pages
 from .inference.engine import Engine
 from .inference.generate import generate_steps
 from .inference.kernels import use_fast_bf16_linears, use_fast_decode_attention
@@ -96,6 +96,8 @@ class Phi3Model:
     def load(cls, name_or_path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu",
              quantize: str | None = None) -> Phi3Model:
         path = resolve_model_dir(name_or_path)
+        if str(device).startswith("cpu"):
+            keep_heap_pages()  # CPU activations reuse heap pages instead of faulting fresh ones in every forward
         raw = read_json(path / "config.json", "config.json")
         cfg = config_from_dict(raw)
         tokenizer = Tokenizer.from_dir(path)
