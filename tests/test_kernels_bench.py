@@ -14,7 +14,8 @@ from phi3v.cli import main
 from phi3v.inference.kernels import PLANS, BF16Linear, use_fast_bf16_linears
 
 
-@pytest.mark.parametrize("kind,rows", [(k, r) for k, (_, up) in PLANS.items() for r in (1, 3, up - 1, up, up + 66)])
+@pytest.mark.parametrize("kind,rows", [(k, r) for k, (_, up) in PLANS.items()
+                                       for r in ((1, 3, up - 1, up, up + 66) if up else (1, 3, 16, 17, 322))])
 @pytest.mark.parametrize("bias", [False, True])
 def test_bf16_linear_matches_f_linear(kind, rows, bias):
     g = torch.Generator().manual_seed(rows)
@@ -83,15 +84,20 @@ def test_bf16_matmul_kind_from_cpu_flags(monkeypatch, flags, kind):
     assert use_fast_bf16_linears(model, kind) == (1 if kind in PLANS else 0)
 
 
-@pytest.mark.parametrize("flags,expect", [({"avx2", "fma"}, "avx2"), ({"avx512f", "avx512bw"}, "emulated"),
-                                          ({"avx512f", "avx512_bf16"}, "avx512_bf16")])
-def test_the_plan_picked_for_this_cpu(monkeypatch, flags, expect):
-    """Without AVX-512 the "avx2" plan (many rows through phi3v's bf16 GEMM); the other kinds keep theirs."""
+@pytest.mark.parametrize("flags,vendor,expect", [({"avx2", "fma"}, "AuthenticAMD", "avx2"),
+                                                 ({"avx512f", "avx512bw"}, "GenuineIntel", "emulated"),
+                                                 ({"avx512f", "avx512_bf16"}, "GenuineIntel", "avx512_bf16"),
+                                                 ({"avx512f", "avx512_bf16"}, None, "avx512_bf16"),
+                                                 ({"avx512f", "avx512_bf16"}, "AuthenticAMD", "avx512_bf16_amd")])
+def test_the_plan_picked_for_this_cpu(monkeypatch, flags, vendor, expect):
+    """Without AVX-512 the "avx2" plan (many rows through phi3v's bf16 GEMM); AVX512_BF16 on AMD keeps F.linear for
+    many rows (oneDNN's bf16 GEMM is the fast one there); the other kinds keep theirs."""
     import phi3v.hardware as hw
     import phi3v.inference.kernels as k
 
     monkeypatch.setattr(hw, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setattr(k, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(k, "cpu_vendor", lambda: vendor)
     model = nn.Sequential(nn.Linear(4, 4)).to(torch.bfloat16)
     assert use_fast_bf16_linears(model) == 1
     layer = model[0]
@@ -114,3 +120,15 @@ def test_auto_dtype_is_bf16_for_quantized_weights(monkeypatch, tmp_path):
         m = Phi3Model.load(path, quantize=quantize)
         want = torch.float32 if path.name != "q" and quantize is None else torch.bfloat16
         assert m.model.model.embed_tokens.weight.dtype == want
+
+
+def test_the_amd_bf16_plan_never_upcasts(monkeypatch):
+    """Many rows on AVX512_BF16 AMD CPUs go to F.linear (bit for bit), never to the float32 upcast."""
+    import phi3v.inference.kernels as k
+
+    monkeypatch.setattr(k, "upcast_linear", lambda *a: pytest.fail("upcast taken"))
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(64, 48).to(torch.bfloat16)
+    x = torch.randn(2, 400, 64, generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(BF16Linear.from_linear(lin, "avx512_bf16_amd")(x), F.linear(x, lin.weight, lin.bias))

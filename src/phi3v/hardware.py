@@ -27,6 +27,19 @@ def cpu_flags() -> frozenset[str] | None:
     return None
 
 
+@functools.cache
+def cpu_vendor() -> str | None:
+    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD", ...), or None where it says none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def cpu_bf16_matmul() -> str:
     """How PyTorch's bfloat16 matmuls run here: "amx" (tiles: faster than float32), "avx512_bf16" (dot-product
     instructions, yet measured 0.44-0.63x of float32 GEMM with torch 2.13 on such a Xeon), "emulated", or

@@ -3,9 +3,10 @@
 On CPUs without native bfloat16 arithmetic (AVX-512 without AVX512_BF16/AMX) PyTorch's bfloat16 `F.linear` is
 emulated: a one-row product streams the weights at about half the speed `torch.mv` reaches, and a long prefill runs
 at a quarter of the float32 speed. With AVX512_BF16 but no AMX, one row is fast but many rows still run at
-0.44-0.63x of float32 GEMM (torch 2.13, measured on a Xeon with avx512_bf16). `BF16Linear` keeps the same bfloat16
-weight (same parameter names, no extra memory) and picks the faster kernel by the number of rows, with thresholds
-per CPU kind (`PLANS`); the results agree with `F.linear` to bfloat16 rounding.
+0.44-0.63x of float32 GEMM (torch 2.13, measured on a Xeon with avx512_bf16); on AMD Zen 5 it is the other way round
+(2.5-6x the float32 GEMM), so AMD CPUs keep `F.linear` for many rows. `BF16Linear` keeps the same bfloat16 weight
+(same parameter names, no extra memory) and picks the faster kernel by the number of rows, with thresholds per CPU
+kind (`PLANS`); the results agree with `F.linear` to bfloat16 rounding.
 
 `use_fast_decode_attention` gives the decoders' attention phi3v's C++ kernel for one new token against a bf16 KV
 cache (float32 arithmetic): PyTorch's CPU flash attention spends about 0.3-0.4 ms per layer on it at 64 keys
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hardware import cpu_bf16_matmul, cpu_flags
+from ..hardware import cpu_bf16_matmul, cpu_flags, cpu_vendor
 from ..models.layers import Attention, RMSNorm
 from ..quant import native
 from ..quant.layers import upcast_linear
@@ -32,7 +33,12 @@ UPCAST_MIN_ROWS = 64  # from this many rows on, float32 GEMM (weight upcast on t
 # "avx2" (emulated bf16 without AVX-512, e.g. AMD Zen 3): PyTorch's float32 GEMM reached only 23-31 G
 # multiply-adds/s on 2 threads there, so from 17 rows on phi3v's own bf16 GEMM runs instead (`GEMM_PLANS`; 128 rows,
 # K 3072 -> N 9216: 83 vs 85-150 ms upcast; 32 rows 41 vs 92 ms)
-PLANS = {"emulated": (True, UPCAST_MIN_ROWS), "avx512_bf16": (False, 256), "avx2": (True, UPCAST_MIN_ROWS)}
+# "avx512_bf16_amd" (AMD Zen 4/5: AVX512_BF16 without AMX): PyTorch's bf16 GEMM (oneDNN) ran 2.5-6x the upcast at
+# every shape of the decoder and the CLIP tower from 64 to 773 rows (Zen 5, 2 threads: 430-850 against 64-185
+# GFLOP/s), so many rows stay with F.linear (None: never upcast); the Xeon's figures above keep "avx512_bf16" for
+# other vendors
+PLANS = {"emulated": (True, UPCAST_MIN_ROWS), "avx512_bf16": (False, 256), "avx512_bf16_amd": (False, None),
+         "avx2": (True, UPCAST_MIN_ROWS)}
 GEMM_PLANS = {"avx2"}  # CPU kinds whose many-row bf16 products run native.bf16_gemm
 # Rows up to which the C++ kernel beats F.linear (same shape, one thread, avx512_bf16: 1 row 5.3 vs 7.6 ms,
 # 8 rows 9.8 vs 11.8, 16 rows 13.6 vs 17.1)
@@ -71,7 +77,7 @@ class BF16Linear(nn.Linear):
             if self.bias is not None:
                 y = y + self.bias
             return y.view(*x.shape[:-1], -1)
-        if rows >= self.upcast_min_rows:
+        if self.upcast_min_rows is not None and rows >= self.upcast_min_rows:
             y = upcast_linear(x, self.weight)
             return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
@@ -84,6 +90,8 @@ def use_fast_bf16_linears(model: nn.Module, kind: str | None = None) -> int:
         kind = cpu_bf16_matmul()
         if kind == "emulated" and "avx512f" not in (cpu_flags() or ()):
             kind = "avx2"
+        elif kind == "avx512_bf16" and cpu_vendor() == "AuthenticAMD":
+            kind = "avx512_bf16_amd"
     if kind not in PLANS:
         return 0
     swapped = 0
