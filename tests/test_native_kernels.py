@@ -591,3 +591,38 @@ def test_a_bf16_decoder_takes_the_fused_steps_only_where_they_apply(tmp_path, mo
     assert kernels._rms_norm(torch.zeros(1, 8, dtype=torch.bfloat16), one.clone().requires_grad_(), 1e-5) is None
     x = torch.zeros(1, 2, 1, 4, dtype=torch.bfloat16)
     assert kernels._rotary(x, torch.ones(1, 1, 4), torch.ones(1, 1, 4)) is None  # float32 cos, sin
+
+
+@needs_native
+@pytest.mark.slow
+def test_torch_compile_traces_the_kernels_and_gives_their_exact_values():
+    """`phi3v bench --compile` / Engine(compile=True) trace a bf16 forward through every kernel a model calls: each
+    needs a CPU kernel with a fake (shapes only) beside it; compiled, they return eager's values bit for bit."""
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(torch.bfloat16)
+
+    x, w = rnd(3, 64), rnd(48, 64)
+    q, k, v = rnd(2, 4, 1, 16), rnd(2, 2, 7, 16), rnd(2, 2, 7, 16)
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    mask[0, ..., :2] = False
+    xr, cos, sin = rnd(2, 4, 3, 16), rnd(2, 3, 16), rnd(2, 3, 16)
+    w8 = native.int8_pack(torch.randint(-128, 128, (48, 64), dtype=torch.int8, generator=g))
+    s8 = torch.rand(48, generator=g)
+    w4 = native.int4_pack(torch.randint(0, 256, (48, 32), dtype=torch.uint8, generator=g))
+    sz = native.int4_scales(torch.rand(2, 48, 2, generator=g).to(torch.bfloat16))
+    lib = native.ops()
+
+    def forward(x, w, q, k, v, mask, xr, cos, sin):
+        return (lib.bf16_gemv(x, w), lib.bf16_gemm(x, w), lib.decode_attention(q, k, v, mask, 0.25),
+                lib.rms_norm_bf16(x, w[0], 1e-5), lib.rope_bf16(xr, cos, sin), lib.int8_matmul(x, w8, s8),
+                lib.int4_matmul(x, w4, sz, 32))
+
+    args = (x, w, q, k, v, mask, xr, cos, sin)
+    eager = forward(*args)
+    torch._dynamo.reset()
+    compiled = torch.compile(forward, fullgraph=True, dynamic=True)(*args)
+    for a, b in zip(eager, compiled, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert not torch.equal(eager[0], torch.zeros_like(eager[0]))

@@ -78,9 +78,32 @@ def ops():
             cpp_extension.load(name=f"{LIBRARY}_{build_key()}", sources=[str(s) for s in SOURCES],
                                build_directory=str(where), extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                                is_python_module=False, verbose=False)
+        _register_fakes()
         return getattr(torch.ops, LIBRARY)
     except Exception as e:  # no compiler, no ninja, a failed build: PyTorch's kernels run instead
         return _unavailable(f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}")
+
+
+def _register_fakes() -> None:
+    """The output of each kernel that a model's forward calls, from its inputs' shapes alone, so that torch.compile
+    (`phi3v bench --compile`, `Engine(compile=True)`) traces them as opaque calls instead of failing on them."""
+    def rows_by(n):  # (M, K) x -> (M, n) float32
+        return lambda x, *rest: x.new_empty((x.shape[0], n(*rest)), dtype=torch.float32)
+
+    fakes = {
+        "bf16_gemv": rows_by(lambda w: w.shape[0]),
+        "bf16_gemm": rows_by(lambda w: w.shape[0]),
+        "int8_matmul": rows_by(lambda packed, scale: packed.shape[0] * 16),
+        "int4_matmul": rows_by(lambda packed, sz, group: packed.shape[0] * 16),
+        "decode_attention": lambda q, k, v, mask, scale: q.new_empty(q.shape, dtype=torch.float32),
+        "rms_norm_bf16": lambda x, w, eps: torch.empty_like(x),
+        "rope_bf16": lambda x, cos, sin: x.new_empty(x.shape),
+    }
+    for name, fake in fakes.items():
+        try:
+            torch.library.register_fake(f"{LIBRARY}::{name}")(fake)
+        except RuntimeError:  # already registered (a second build key in one process, e.g. a test's)
+            pass
 
 
 def _unavailable(why: str) -> None:

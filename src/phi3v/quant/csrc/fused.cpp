@@ -92,6 +92,12 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::Tensor&
 }  // namespace phi3v_fused
 
 TORCH_LIBRARY_FRAGMENT(phi3v_native, m) {
-  m.def("rms_norm_bf16(Tensor x, Tensor w, float eps) -> Tensor", &phi3v_fused::rms_norm);
-  m.def("rope_bf16(Tensor x, Tensor cos, Tensor sin) -> Tensor", &phi3v_fused::rope);
+  m.def("rms_norm_bf16(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("rope_bf16(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+}
+
+// a CPU kernel (not a composite one) so that torch.compile can trace it through its fake (quant/native.py)
+TORCH_LIBRARY_IMPL(phi3v_native, CPU, m) {
+  m.impl("rms_norm_bf16", &phi3v_fused::rms_norm);
+  m.impl("rope_bf16", &phi3v_fused::rope);
 }

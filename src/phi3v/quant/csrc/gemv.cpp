@@ -390,8 +390,15 @@ int64_t simd_lanes() { return kLanes; }
 }  // namespace
 
 TORCH_LIBRARY(phi3v_native, m) {
-  m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor", &bf16_gemv);
+  m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
   m.def("simd_lanes() -> int", &simd_lanes);
-  m.def("bf16_gemm(Tensor x, Tensor w) -> Tensor", &bf16_gemm);
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor", &decode_attention);
+  m.def("bf16_gemm(Tensor x, Tensor w) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+}
+
+// a CPU kernel (not a composite one) so that torch.compile can trace it through its fake (quant/native.py)
+TORCH_LIBRARY_IMPL(phi3v_native, CPU, m) {
+  m.impl("bf16_gemv", &bf16_gemv);
+  m.impl("bf16_gemm", &bf16_gemm);
+  m.impl("decode_attention", &decode_attention);
 }

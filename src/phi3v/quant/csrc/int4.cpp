@@ -255,5 +255,10 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Te
 
 TORCH_LIBRARY_FRAGMENT(phi3v_native, m) {
   m.def("int4_pack(Tensor w) -> Tensor", &phi3v_int4::pack);
-  m.def("int4_matmul(Tensor x, Tensor packed, Tensor sz, int group) -> Tensor", &phi3v_int4::matmul);
+  m.def("int4_matmul(Tensor x, Tensor packed, Tensor sz, int group) -> Tensor");
+}
+
+// a CPU kernel (not a composite one) so that torch.compile can trace it through its fake (quant/native.py)
+TORCH_LIBRARY_IMPL(phi3v_native, CPU, m) {
+  m.impl("int4_matmul", &phi3v_int4::matmul);
 }

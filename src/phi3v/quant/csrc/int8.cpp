@@ -201,5 +201,10 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Te
 TORCH_LIBRARY_FRAGMENT(phi3v_native, m) {
   m.def("int8_pack(Tensor w) -> Tensor", &phi3v_int8::pack);
   m.def("int8_unpack(Tensor packed) -> Tensor", &phi3v_int8::unpack);
-  m.def("int8_matmul(Tensor x, Tensor packed, Tensor scale) -> Tensor", &phi3v_int8::matmul);
+  m.def("int8_matmul(Tensor x, Tensor packed, Tensor scale) -> Tensor");
+}
+
+// a CPU kernel (not a composite one) so that torch.compile can trace it through its fake (quant/native.py)
+TORCH_LIBRARY_IMPL(phi3v_native, CPU, m) {
+  m.impl("int8_matmul", &phi3v_int8::matmul);
 }
