@@ -45,6 +45,6 @@ def quantize_checkpoint(model_dir, out_dir, scheme: str = "int8", group_size: in
     if "quantization" in raw:
         raise CheckpointError(f"{src} is already quantized ({raw['quantization']}); quantize the float checkpoint")
     model = load_causal_lm(src, config_from_dict(raw), parse_dtype(dtype), raw=raw)
-    spec = quantize_model(model, scheme, group_size, include_vision)
+    spec = quantize_model(model, scheme, group_size, include_vision, pack=False)  # saved, not run: no kernel copies
     save_quantized(model, spec, src, out_dir)
     return spec

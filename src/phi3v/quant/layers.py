@@ -124,14 +124,18 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, **kw):
-        """Quantize lin's weight (an empty module when lin is on the meta device)."""
+    def from_linear(cls, lin: nn.Linear, pack: bool = True, **kw):
+        """Quantize lin's weight (an empty module when lin is on the meta device); the float weight's pages, where
+        they are a checkpoint's memory-mapped file, are given back (`release_pages`). `pack=False` leaves out the
+        kernels' layouts (`phi3v quantize` only saves the checkpoint layout: a packed copy would double its memory)."""
         w = lin.weight
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, dtype=w.dtype, device=w.device, **kw)
         if not w.is_meta:
             m.set_weight(w.detach())
+            release_pages(w)
             m.bias = None if lin.bias is None else lin.bias.detach()
-            m.pack()
+            if pack:
+                m.pack()
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -293,7 +297,7 @@ def check_scheme(scheme, group_size) -> None:
 
 
 def quantize_model(model: nn.Module, scheme: str = "int8", group_size: int = 128, include_vision: bool = True,
-                   skip=()) -> dict:
+                   skip=(), pack: bool = True) -> dict:
     """Swap the decoder's linear layers (the router excepted), PhiMoE's experts and, with include_vision, the CLIP
     tower's and img_projection's linears for quantized ones, in place; return the config.json spec. Layers named
     in `skip` or whose shape the int4 kernels cannot take stay as they are (listed in the spec's "skipped").
@@ -311,9 +315,9 @@ def quantize_model(model: nn.Module, scheme: str = "int8", group_size: int = 128
             skipped.append(name)
             continue
         else:
-            new = (WeightOnlyInt8Linear.from_linear(m, activation_bits=_activation_bits(name),
+            new = (WeightOnlyInt8Linear.from_linear(m, pack, activation_bits=_activation_bits(name),
                                                     native=not name.startswith(VISION)) if scheme == "int8"
-                   else WeightOnlyInt4Linear.from_linear(m, group_size=group_size))
+                   else WeightOnlyInt4Linear.from_linear(m, pack, group_size=group_size))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
     spec = {"scheme": scheme, "group_size": group_size if scheme == "int4" else None,
