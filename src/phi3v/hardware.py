@@ -14,30 +14,29 @@ NATIVE_BF16 = ("avx512_bf16", "amx_bf16")  # bfloat16 dot products in hardware
 AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")  # what PyTorch's AVX512 kernels need
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str] | None:
-    """The CPU's feature flags, or None where /proc/cpuinfo cannot be read (not Linux)."""
+def _cpuinfo(keys: tuple[str, ...]) -> str | None:
+    """The value of /proc/cpuinfo's first line starting with one of keys, or None (no such line, or not Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("flags", "Features")):  # x86 / ARM
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.startswith(keys):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return None
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags, or None where /proc/cpuinfo cannot be read (not Linux)."""
+    flags = _cpuinfo(("flags", "Features"))  # x86 / ARM
+    return None if flags is None else frozenset(flags.split())
 
 
 @functools.cache
 def cpu_vendor() -> str | None:
     """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD", ...), or None where it says none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
+    return _cpuinfo(("vendor_id",))
 
 
 def cpu_bf16_matmul() -> str:
@@ -65,9 +64,10 @@ def auto_dtype(device: str, quantized: bool = False) -> str:
 
 
 @functools.cache
-def _malloc_trim():
+def _libc(name: str):
+    """The C library's function `name` (glibc's malloc_trim, mallopt), or None where it has none."""
     try:
-        return ctypes.CDLL(None).malloc_trim  # glibc
+        return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
 
@@ -75,7 +75,7 @@ def _malloc_trim():
 def trim_heap() -> bool:
     """Give the C heap's free pages back to the OS (glibc's malloc_trim): freed tensors and buffers otherwise stay in
     the process's RSS. False where the C library has no such call (nothing is done)."""
-    trim = _malloc_trim()
+    trim = _libc("malloc_trim")
     if trim is None:
         return False
     trim(0)
@@ -98,11 +98,8 @@ def keep_heap_pages() -> bool:
     the user's, or a C library without mallopt leaves the heap alone (returns False)."""
     if os.environ.get("PHI3V_KEEP_HEAP", "1") == "0" or any(v in os.environ for v in HEAP_ENV):
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return all(mallopt(option, value) == 1 for option, value in HEAP_SETTINGS)
+    mallopt = _libc("mallopt")
+    return mallopt is not None and all(mallopt(option, value) == 1 for option, value in HEAP_SETTINGS)
 
 
 _MAPS: list[tuple[int, int, weakref.ref]] = []  # (address, length, the mmap) of the files registered below

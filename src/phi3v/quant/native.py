@@ -102,7 +102,7 @@ def _register_fakes() -> None:
     for name, fake in fakes.items():
         try:
             torch.library.register_fake(f"{LIBRARY}::{name}")(fake)
-        except RuntimeError:  # already registered (a second build key in one process, e.g. a test's)
+        except RuntimeError:  # already registered: ops() ran again after its cache was cleared (the tests do)
             pass
 
 
