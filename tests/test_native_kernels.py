@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from phi3v.hardware import hugepages_on_request
 from phi3v.inference.kernels import NATIVE_MAX_ROWS, BF16Linear
 from phi3v.quant import native
 
@@ -628,3 +629,88 @@ def test_torch_compile_traces_the_kernels_and_gives_their_exact_values():
     for a, b in zip(eager, compiled, strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b)
     assert not torch.equal(eager[0], torch.zeros_like(eager[0]))
+
+
+# ---------------------------------------------------------------- weights on transparent huge pages
+
+def _mapping_field(ptr: int, field: str) -> int:
+    """kB of `field` in /proc/self/smaps for the mapping that holds address ptr."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    inside = False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= ptr < hi
+        elif inside and line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {ptr:#x}")
+
+
+needs_thp = pytest.mark.skipif(not hugepages_on_request(), reason="no transparent huge pages on request here")
+
+
+@needs_thp
+def test_hugepage_copies_equal_their_sources_on_huge_pages_and_give_the_file_pages_back(tmp_path):
+    from safetensors.torch import save_file
+
+    from phi3v.checkpoint.safetensors import SafetensorsFile
+    from phi3v.hardware import HUGE_PAGE, hugepage_copies
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2048, 3072, generator=g).to(torch.bfloat16)  # 12 MiB
+    b = torch.randn(7, 5, generator=g)  # an odd size: the next copy still starts on a page
+    save_file({"w": w, "b": b}, tmp_path / "m.safetensors")
+    f = SafetensorsFile(tmp_path / "m.safetensors")
+    mapped_w, mapped_b = f.get("w"), f.get("b")
+    assert torch.equal(mapped_w, w)  # every page of the file's w resident now
+    resident_before = _mapping_field(mapped_w.data_ptr(), "Rss")
+    cw, cb, cw2 = hugepage_copies([mapped_w, mapped_b, mapped_w])
+    assert torch.equal(cw, w) and torch.equal(cb, b) and torch.equal(cw2, w)
+    assert cw.dtype == torch.bfloat16 and cw.shape == w.shape and cw.is_contiguous()
+    assert cw.data_ptr() % HUGE_PAGE == 0 and cb.data_ptr() % 4096 == 0 and cw2.data_ptr() % 4096 == 0
+    assert _mapping_field(cw.data_ptr(), "AnonHugePages") >= 4096  # at least two 2 MiB pages of the 12 MiB
+    assert resident_before >= 12 << 10 and _mapping_field(mapped_w.data_ptr(), "Rss") < 4 << 10  # file pages back
+    assert torch.equal(mapped_w, w)  # the source stays valid (read again from the file)
+
+
+def test_hugepage_copies_do_nothing_where_switched_off(monkeypatch):
+    from phi3v import hardware
+
+    monkeypatch.setenv("PHI3V_HUGEPAGES", "0")
+    hardware.hugepages_on_request.cache_clear()
+    try:
+        assert hardware.hugepage_copies([torch.ones(4)]) is None
+    finally:
+        monkeypatch.delenv("PHI3V_HUGEPAGES")
+        hardware.hugepages_on_request.cache_clear()
+    assert hardware.hugepage_copies([]) is None
+
+
+@needs_thp
+def test_hugepage_weights_keep_a_models_values_and_its_tied_weights():
+    from phi3v.inference.kernels import use_fast_bf16_linears, use_hugepage_weights
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(96, 64)
+            self.mid = nn.Linear(64, 64, bias=True)
+            self.head = nn.Linear(64, 96, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.mid(self.emb(ids)))
+
+    torch.manual_seed(0)
+    model = Tied().to(torch.bfloat16)
+    assert use_fast_bf16_linears(model, kind="emulated") == 2
+    ids = torch.tensor([[3, 50, 95, 0]])
+    with torch.no_grad():
+        before = model(ids)
+    old_head = model.head.weight
+    assert use_hugepage_weights(model) == 2
+    assert model.head.weight is model.emb.weight and model.head.weight is not old_head  # still one tied weight
+    assert torch.equal(model.head.weight, old_head) and model.head.weight.requires_grad
+    with torch.no_grad():
+        assert torch.equal(model(ids), before)

@@ -17,7 +17,7 @@ from .examples import nano_dir
 from .hardware import auto_dtype, keep_heap_pages
 from .inference.engine import Engine
 from .inference.generate import generate_steps
-from .inference.kernels import use_fast_bf16_linears, use_fast_decode_attention
+from .inference.kernels import use_fast_bf16_linears, use_fast_decode_attention, use_hugepage_weights
 from .inference.requests import Prompt, check_prompt_fits
 from .inference.sampling import SamplingParams
 from .models import config_from_dict, is_vision_config
@@ -108,6 +108,7 @@ class Phi3Model:
         if quantize:
             quantize_model(model, quantize)
         use_fast_bf16_linears(model)  # no-op unless bf16 weights on a CPU whose bf16 GEMM is slow (no AMX)
+        use_hugepage_weights(model)  # those layers' weights on transparent huge pages, where the OS has them
         use_fast_decode_attention(model)  # one-token attention against a bf16 cache (applies only there)
         return cls(model, tokenizer, path, bool(raw.get(RANDOM_MARKER)), processor)
 
