@@ -714,3 +714,34 @@ def test_hugepage_weights_keep_a_models_values_and_its_tied_weights():
     assert torch.equal(model.head.weight, old_head) and model.head.weight.requires_grad
     with torch.no_grad():
         assert torch.equal(model(ids), before)
+
+
+@needs_thp
+@needs_native
+def test_a_loaded_int4_model_runs_its_kernel_copies_from_huge_pages_with_the_same_logits(tmp_path, monkeypatch):
+    import phi3v
+    from phi3v import hardware
+    from phi3v.checkpoint.random import create_random
+    from phi3v.quant.layers import WeightOnlyInt4Linear
+
+    ref_dir = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "Phi-3.5-mini-instruct"
+    create_random(ref_dir, tmp_path / "m", layers=2, hidden=256, heads=4, kv_heads=2, intermediate=512, seed=0)
+    ids = torch.tensor([[5, 17, 300, 9, 41, 2]])
+
+    def run(huge: str):
+        monkeypatch.setenv("PHI3V_HUGEPAGES", huge)
+        hardware.hugepages_on_request.cache_clear()
+        m = phi3v.load(tmp_path / "m", dtype="bfloat16", quantize="int4").model
+        layers = [x for x in m.modules() if isinstance(x, WeightOnlyInt4Linear) and x.packed_for == "native"]
+        with torch.no_grad():
+            return m(ids), [x.packed.data_ptr() for x in layers], m
+
+    try:
+        plain, _, _ = run("0")
+        huge, ptrs, model = run("1")  # (the model holds the mapping)
+    finally:
+        monkeypatch.delenv("PHI3V_HUGEPAGES")
+        hardware.hugepages_on_request.cache_clear()
+    assert len(ptrs) == 2 * 4 + 1 and torch.equal(plain, huge)  # 4 linears per layer and the lm_head
+    assert all(p % 4096 == 0 for p in ptrs) and _mapping_field(ptrs[0], "AnonHugePages") > 0
+    del model

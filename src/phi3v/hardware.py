@@ -150,11 +150,14 @@ def hugepages_on_request() -> bool:
     return "[always]" in setting or "[madvise]" in setting
 
 
-def hugepage_copies(tensors: list) -> list | None:
+def hugepage_copies(tensors: list, put=None) -> list | None:
     """Contiguous copies of CPU tensors in one anonymous mapping advised for transparent huge pages (2 MiB pages:
     a decode step that streams gigabytes of weights then misses the TLB 512 times less often than on the 4 KiB pages
     of a memory-mapped checkpoint), each source's file pages given back once copied (`release_pages`, so memory
-    holds the weights once). The copies keep the mapping alive. None (nothing done) without huge pages here."""
+    holds the weights once). With put(i, copy), each copy is handed over as soon as it is made and the list's entry
+    is cleared: a source held nowhere else (a heap copy such as a packed weight) is then freed and the heap trimmed
+    before the next copy, so memory never holds two copies of more than one tensor. The copies keep the mapping
+    alive. None (nothing done) without huge pages here."""
     import torch
 
     if not tensors or not hugepages_on_request() or any(t.device.type != "cpu" for t in tensors):
@@ -166,10 +169,16 @@ def hugepage_copies(tensors: list) -> list | None:
     whole = torch.frombuffer(region, dtype=torch.uint8)
     offset = -whole.data_ptr() % HUGE_PAGE
     copies = []
-    for t, n in zip(tensors, sizes):
+    for i, n in enumerate(sizes):
+        t = tensors[i]
         c = whole[offset:offset + n].view(t.dtype).view(t.shape)
         c.copy_(t)
-        release_pages(t)
+        released = release_pages(t)
         copies.append(c)
         offset += -(-n // COPY_ALIGN) * COPY_ALIGN
+        if put is not None:
+            put(i, c)
+            tensors[i] = t = None
+            if not released:
+                trim_heap()
     return copies
