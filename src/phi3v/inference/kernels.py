@@ -118,7 +118,7 @@ def use_hugepage_weights(model: nn.Module) -> int:
     owners = [m for m in model.modules() if isinstance(m, WeightOnlyInt4Linear) and m.packed_for == "native"
               and m.packed is not None and m.packed.device.type == "cpu"]
     packed = [m.packed for m in owners]
-    moved = hugepage_copies(packed, put=lambda i, c: setattr(owners[i], "packed", c))
+    moved = hugepage_copies(packed, put=lambda i, c: setattr(owners[i], "packed", c)) or []
     del packed
     params = {}
     for m in model.modules():
@@ -126,13 +126,13 @@ def use_hugepage_weights(model: nn.Module) -> int:
             params[id(m.weight)] = m.weight
     copies = hugepage_copies([p.detach() for p in params.values()])
     if copies is None:
-        return 0 if moved is None else len(moved)
+        return len(moved)
     new = {key: nn.Parameter(c, requires_grad=p.requires_grad) for (key, p), c in zip(params.items(), copies)}
     for m in model.modules():  # every holder of a moved weight (tied embeddings included) gets the same new one
         for name, p in list(m._parameters.items()):
             if p is not None and id(p) in new:
                 m._parameters[name] = new[id(p)]
-    return len(new) + (0 if moved is None else len(moved))
+    return len(new) + len(moved)
 
 
 def _decode_attention(q, k, v, mask):
