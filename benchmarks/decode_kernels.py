@@ -36,8 +36,8 @@ def build(target: str):
     sources = []
     for name in ("int_rows.h", "gemv.cpp", "int4.cpp", "int8.cpp"):
         text = (ROOT / "src/phi3v/quant/csrc" / name).read_text()
-        text = text.replace("TORCH_LIBRARY(phi3v_native", f"TORCH_LIBRARY({lib}").replace(
-            "TORCH_LIBRARY_FRAGMENT(phi3v_native", f"TORCH_LIBRARY_FRAGMENT({lib}")
+        for macro in ("TORCH_LIBRARY", "TORCH_LIBRARY_FRAGMENT", "TORCH_LIBRARY_IMPL"):
+            text = text.replace(f"{macro}(phi3v_native", f"{macro}({lib}")
         path = where / name
         if not path.exists() or path.read_text() != text:
             path.write_text(text)

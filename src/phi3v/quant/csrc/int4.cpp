@@ -32,6 +32,11 @@ constexpr int64_t kUnit = 64;  // bytes per unit
 // bytes ahead on each stream of units (software prefetch): 4 KB with one block of 16 columns per task at decode
 // sizes reads 1.10-1.30x faster than 1 KB with two (Zen 4, 2 threads, 1 GB of decode-shaped weights)
 constexpr int64_t kPrefetch = 4096;
+#if defined(__AVX512F__)
+constexpr bool kWideTiles = true;  // tasks of two column blocks at many rows (see run)
+#else
+constexpr bool kWideTiles = false;
+#endif
 
 // (N, K/2) uint8, input 2j in the low nibble of byte j and 2j+1 in the high one -> (N/16, K/8, 64) uint8
 at::Tensor pack(const at::Tensor& w) {
@@ -211,9 +216,10 @@ template <typename T>
 void run(const int8_t* xqp, const float* ap, const int32_t* Xp, const uint8_t* wp, const T* szp, float* yp, int64_t M,
          int64_t K, int64_t N, int64_t G) {
   const int64_t stride_nb = (K / kIns) * kUnit;
-  // tasks of two blocks of 16 columns (x's loads shared), or of one for a few rows (decode: one stream of units per
-  // task streams faster, see kPrefetch)
-  phi3v_int_rows::column_tasks(N / kCols, M > 4 ? 2 : 1, [&](int64_t b0, int64_t nb) {
+  // tasks of two blocks of 16 columns on AVX-512 (x's loads shared), or of one for a few rows (decode: one stream of
+  // units per task streams faster, see kPrefetch) and on AVX2, whose 16 registers hold fewer accumulators (at one
+  // block 1.03-1.12x at 8-773 rows on Zen 3)
+  phi3v_int_rows::column_tasks(N / kCols, M > 4 && kWideTiles ? 2 : 1, [&](int64_t b0, int64_t nb) {
     const uint8_t* units = wp + b0 * stride_nb;
     const T* terms = szp + b0 * (K / G) * 2 * kCols;
     if (nb == 2)

@@ -32,6 +32,11 @@ constexpr int64_t kUnit = 64;  // bytes per unit
 // bytes ahead on each stream of units (software prefetch): 4 KB with one block of 16 columns per task at decode
 // sizes reads 1.14x faster than 1 KB with two (Zen 4, 2 threads, 1 GB of decode-shaped weights)
 constexpr int64_t kPrefetch = 4096;
+#if defined(__AVX512F__)
+constexpr bool kWideTiles = true;  // tiles of several column blocks at many rows (see matmul)
+#else
+constexpr bool kWideTiles = false;
+#endif
 
 // int8 (N, K) -> (N/16, K/4, 64) int8
 at::Tensor pack(const at::Tensor& w) {
@@ -182,9 +187,10 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Te
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t stride_nb = (K / kIns) * kUnit;
-  // tasks of four blocks of 16 columns beside a tile of 4 rows for many rows (x's loads shared), of one for a few
-  // (one stream per task streams fastest, see kPrefetch)
-  phi3v_int_rows::column_tasks(N / kCols, M > 4 ? 4 : 1, [&](int64_t b0, int64_t nb) {
+  // tasks of four blocks of 16 columns beside a tile of 4 rows for many rows on AVX-512 (x's loads shared), of one
+  // for a few (one stream per task streams fastest, see kPrefetch) and on AVX2: a tile's accumulators are 4 x 2 * NB
+  // vectors and AVX2 has 16 registers (at NB 1 none spill: 1.19-1.36x at 8-773 rows on Zen 3)
+  phi3v_int_rows::column_tasks(N / kCols, M > 4 && kWideTiles ? 4 : 1, [&](int64_t b0, int64_t nb) {
     const int8_t* units = wp + b0 * stride_nb;
     if (nb == 4)
       columns<4>(xqp, ap, Xp, units, sp, yp, M, K, N, b0 * kCols);
