@@ -24,6 +24,7 @@
 
 namespace phi3v_int4 {
 
+using phi3v_int_rows::kWideTiles;
 using phi3v_int_rows::load4;
 
 constexpr int64_t kCols = 16;  // output columns per unit
@@ -32,11 +33,6 @@ constexpr int64_t kUnit = 64;  // bytes per unit
 // bytes ahead on each stream of units (software prefetch): 4 KB with one block of 16 columns per task at decode
 // sizes reads 1.10-1.30x faster than 1 KB with two (Zen 4, 2 threads, 1 GB of decode-shaped weights)
 constexpr int64_t kPrefetch = 4096;
-#if defined(__AVX512F__)
-constexpr bool kWideTiles = true;  // tasks of two column blocks at many rows (see run)
-#else
-constexpr bool kWideTiles = false;
-#endif
 
 // (N, K/2) uint8, input 2j in the low nibble of byte j and 2j+1 in the high one -> (N/16, K/8, 64) uint8
 at::Tensor pack(const at::Tensor& w) {

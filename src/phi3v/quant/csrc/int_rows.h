@@ -56,6 +56,14 @@ inline int32_t load4(const int8_t* p) {
   return v;
 }
 
+// Whether tasks of several column blocks may share x's loads at many rows: on AVX-512 (32 registers) they do; AVX2's
+// 16 cannot hold a tile of 4 rows x several blocks of sums without spilling, so there every task is one block
+#if defined(__AVX512F__)
+constexpr bool kWideTiles = true;
+#else
+constexpr bool kWideTiles = false;
+#endif
+
 // Tasks of `wide` consecutive blocks of output columns over the intra-op threads, the blocks left over one at a
 // time: fn(first block, blocks in the task).
 template <typename F>
