@@ -203,8 +203,10 @@ at::Tensor bf16_gemv(const at::Tensor& x_in, const at::Tensor& w) {
   const at::Tensor x = product_input(x_in, w, "bf16_gemv");
 #if !defined(__AVX512F__)
   // AVX2's 16 registers hold a tile of 4 x 4 sums plus the 4 weight vectors only by spilling: from 4 rows of x on,
-  // blocks of 2 weight rows (Zen 3, 2 threads: 1.02-1.24x at 4 and 8 rows; at 2 rows 0.89-0.94x, so not there)
-  if (x.size(0) >= 4) return gemv_rows<float, 2>(x.data_ptr<float>(), w, x.size(0), x.size(1), x.options());
+  // blocks of 3 weight rows, 12 sums (Zen 3, 2 threads: 1.06-1.14x blocks of 2 at 4, 8 and 16 rows, which were
+  // 1.02-1.24x blocks of 4: an FMA's 4 cycles of latency at 2 a cycle want 8 independent sums and more, 8 are not
+  // enough; at 2 and 3 rows blocks of 3 gain nothing, blocks of 2 there 0.89-0.94x, so neither)
+  if (x.size(0) >= 4) return gemv_rows<float, 3>(x.data_ptr<float>(), w, x.size(0), x.size(1), x.options());
 #endif
   return gemv_rows(x.data_ptr<float>(), w, x.size(0), x.size(1), x.options());
 }
