@@ -43,6 +43,17 @@ inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
+// a * b + c rounded once, like the SIMD loops' FMAs, in the tails past the last full vector: a multiply and an add
+// written out would be contracted into an FMA or not as the compiler vectorizes each block shape, and a row's
+// result would then depend on the number of rows beside it
+inline float fma1(float a, float b, float c) {
+#if defined(__FMA__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // The SIMD primitives of one target: a vector of float32 lanes, bf16 weights widened into one, x loaded, FMA, sum.
 #if defined(__AVX512F__)
 using Vec = __m512;
@@ -103,7 +114,7 @@ void block(const float* x, const uint16_t* w, float* y, int64_t K, int64_t N) {
 #endif
   for (int64_t k = kv; k < K; ++k)  // the tail (and everything without AVX2)
     for (int m = 0; m < MX; ++m)
-      for (int r = 0; r < R; ++r) out[m][r] += bf16_to_float(w[r * K + k]) * x[m * K + k];
+      for (int r = 0; r < R; ++r) out[m][r] = fma1(bf16_to_float(w[r * K + k]), x[m * K + k], out[m][r]);
   for (int m = 0; m < MX; ++m)
     for (int r = 0; r < R; ++r) y[m * N + r] = out[m][r];
 }
@@ -135,7 +146,8 @@ void block(const uint16_t* x, const uint16_t* w, float* y, int64_t K, int64_t N)
     for (int r = 0; r < R; ++r) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
   for (int64_t k = kv; k < K; ++k)  // the tail
     for (int m = 0; m < MX; ++m)
-      for (int r = 0; r < R; ++r) out[m][r] += bf16_to_float(w[r * K + k]) * bf16_to_float(x[m * K + k]);
+      for (int r = 0; r < R; ++r)
+        out[m][r] = fma1(bf16_to_float(w[r * K + k]), bf16_to_float(x[m * K + k]), out[m][r]);
   for (int m = 0; m < MX; ++m)
     for (int r = 0; r < R; ++r) y[m * N + r] = out[m][r];
 }
