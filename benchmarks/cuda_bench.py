@@ -17,8 +17,9 @@ code on a tiny model where no GPU is at hand (a check of the script, not a measu
 On a lent GPU machine (the workplace's `device` tool) only the checkout travels, not ../shared: copy the config there
 first, into a folder git ignores, and carry it (the machine's python3 has torch and transformers):
     echo /.dev/ >> .git/info/exclude; mkdir -p .dev; cp -r ../shared/reference/Phi-3.5-mini-instruct .dev/
-    run: PYTHONUNBUFFERED=1 python3 benchmarks/cuda_bench.py --like .dev/Phi-3.5-mini-instruct --json $OUT/cuda.json
-         (carry [".dev"], timeout_s 540)
+    run: PHI3V_NATIVE=0 PYTHONUNBUFFERED=1 python3 benchmarks/cuda_bench.py --like .dev/Phi-3.5-mini-instruct \
+             --json $OUT/cuda.json    (carry [".dev"], timeout_s 540; PHI3V_NATIVE=0: the CPU kernels, which no
+             CUDA path runs, are not compiled there)
 """
 
 from __future__ import annotations
