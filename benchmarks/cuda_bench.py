@@ -128,35 +128,16 @@ def phi3v_inference(path: Path, width: str, args, device: torch.device, results:
 
 def transformers_inference(path: Path, args, device: torch.device, results: list) -> None:
     """transformers' model on the same prompts: one batched prefill, then a plain greedy loop (its DynamicCache)."""
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import AutoModelForCausalLM
 
-    from phi3v.inference.bench import random_prompts
+    from phi3v.inference.bench import random_prompts, transformers_workload
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa")
     model = model.to(device).eval()
-
-    def once(batch: int, prompt_tokens: int, new_tokens: int) -> dict:
-        ids = torch.tensor(random_prompts(batch, prompt_tokens), device=device)
-        with torch.no_grad():
-            sync(device)
-            t0 = time.perf_counter()
-            cache = DynamicCache(config=model.config)
-            out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            sync(device)
-            t1 = time.perf_counter()
-            for _ in range(new_tokens - 1):
-                out = model(tok, past_key_values=cache, use_cache=True)
-                tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            sync(device)
-            t2 = time.perf_counter()
-        return {"batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-                "prefill_tok_s": batch * prompt_tokens / (t1 - t0),
-                "decode_tok_s": batch * (new_tokens - 1) / max(t2 - t1, 1e-9), "ttft_s": t1 - t0}
-
-    once(1, 16, 4)  # warm-up
+    transformers_workload(model, random_prompts(1, 16), 4)  # warm-up
     for batch in args.batches:
-        runs = [once(batch, args.prompt_tokens, args.new_tokens) for _ in range(args.reps)]
+        runs = [transformers_workload(model, random_prompts(batch, args.prompt_tokens), args.new_tokens)
+                for _ in range(args.reps)]
         emit(results, {"backend": "transformers", "width": "bf16", **median_of(runs)})
 
 

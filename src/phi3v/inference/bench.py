@@ -57,19 +57,31 @@ def run_phi3v(model, prompts: list[list[int]], new_tokens: int, image=None, pref
 
 def run_transformers(path, prompts: list[list[int]], new_tokens: int, dtype: torch.dtype) -> dict:
     """The same workload through transformers' model: one batched prefill, then a greedy decode loop."""
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    ids = torch.tensor(prompts)
+    return transformers_workload(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), prompts, new_tokens)
+
+
+def transformers_workload(model, prompts: list[list[int]], new_tokens: int) -> dict:
+    """run_transformers' workload on a loaded transformers model, on the model's device (synchronized around each
+    timed part where that is a GPU)."""
+    from transformers import DynamicCache
+
+    device = model.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    ids = torch.tensor(prompts, device=device)
     with torch.no_grad():
+        sync()
         t0 = time.perf_counter()
         cache = DynamicCache(config=model.config)
         out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync()
         t1 = time.perf_counter()
         for _ in range(new_tokens - 1):
             out = model(tok, past_key_values=cache, use_cache=True)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync()
         t2 = time.perf_counter()
     B, P = ids.shape
     return {"batch": B, "prompt_tokens": P, "new_tokens": new_tokens, "prefill_tok_s": B * P / (t1 - t0),

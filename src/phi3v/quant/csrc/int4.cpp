@@ -26,6 +26,9 @@ namespace phi3v_int4 {
 
 using phi3v_int_rows::kWideTiles;
 using phi3v_int_rows::load4;
+#if defined(__AVX2__)
+using phi3v_int_rows::load8;  // 8 terms (float32, or bf16 widened exactly)
+#endif
 
 constexpr int64_t kCols = 16;  // output columns per unit
 constexpr int64_t kIns = 8;    // inputs per unit
@@ -67,13 +70,6 @@ inline __m512 terms16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 terms16(const at::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-#endif
-#if defined(__AVX2__)
-inline __m256 terms8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 terms8(const at::BFloat16* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 #endif
 
@@ -159,8 +155,8 @@ void block(const int8_t* xq, const float* a, const int32_t* X, const uint8_t* un
     }
     for (int b = 0; b < 2 * NB; ++b) {
       const T* t = sz + (b / 2) * stride_sz + g * 2 * kCols + (b % 2) * 8;
-      const __m256 s = terms8(t);
-      const __m256 zz = terms8(t + kCols);
+      const __m256 s = load8(t);
+      const __m256 zz = load8(t + kCols);
       for (int m = 0; m < MR; ++m) {
         const __m256i d = _mm256_sub_epi32(iacc[m][b], _mm256_set1_epi32(8 * X[m * groups + g]));  // exact
         facc[m][b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, facc[m][b]);
