@@ -86,6 +86,30 @@ def test_8_bit_activations_are_each_rows_8_bit_rounding(M):
 
 
 @needs_fbgemm
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("M", [1, 6, 300])
+def test_the_given_grid_is_linear_dynamics_own(M, bits, monkeypatch):
+    """The GEMM is handed fbgemm's grid for [-1, 1] instead of finding it (no min/max pass): the results are those
+    of linear_dynamic on the same rows with the pin row, bit for bit, for float32 and bf16 inputs."""
+    def both(x, packed, bits):  # float32 in and out; bf16 in and out
+        return [cpu_int8.matmul(x, packed, bits=bits),
+                cpu_int8.matmul(x.bfloat16(), packed, bits=bits, out_dtype=torch.bfloat16)]
+
+    K, N = 130, 70
+    q, s = int8_weight(N, K, seed=3)
+    packed = cpu_int8.prepack(q, s)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(M, K, generator=g)
+    x[0, 5] = -25.0
+    got = both(x, packed, bits)
+    monkeypatch.setattr(cpu_int8, "_gemm", lambda z, rows, p: torch.ops.quantized.linear_dynamic(
+        z, p, cpu_int8.reduce_range())[:rows])
+    want = both(x, packed, bits)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not torch.equal(want[0], x @ (q.float() * s.float()[:, None]).T)  # rounded activations: not the float product
+
+
+@needs_fbgemm
 def test_prepack_unpack_round_trip():
     q, s = int8_weight(40, 64)
     q2, s2 = cpu_int8.unpack(cpu_int8.prepack(q, s))
