@@ -102,3 +102,33 @@ def test_greedy_generation_matches_transformers(pair, random_ids, prompt_len):
         expected = ref.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=0)[0, prompt_len:].tolist()
     got = [s[0].token for s in generate_steps(ours, [Prompt(ids[0].tolist())], SamplingParams(max_new_tokens=32))]
     assert got == expected
+
+
+@pytest.mark.parametrize("length", [12, 50])  # 12: within tiny_phi3's window of 16; 50: past it (tiny_moe's is not)
+def test_causal_prefill_is_the_masked_one_bit_for_bit(pair, random_ids, monkeypatch, length):
+    """A prompt from position 0 within the window runs SDPA with torch's causal bias instead of a (B, 1, T, S)
+    mask (CausalLM.plain_causal): the same logits to the bit, with and without a longer cache behind it."""
+    from phi3v.models.cache import KVCache
+
+    ours, _ = pair
+    ids = random_ids[:2, :length]
+    window = ours.config.sliding_window
+    assert ours.plain_causal(torch.arange(length).expand(2, length)) == (window is None or length <= window)
+    with torch.no_grad():
+        runs = []
+        for plain in (True, False):
+            if not plain:
+                monkeypatch.setattr(type(ours), "plain_causal", lambda self, pos: False)
+            cache = KVCache.for_model(ours.config, 2, length + 20)
+            runs.append((ours(ids), ours(ids, cache=cache, kv_len=length + 20)))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    torch.testing.assert_close(runs[0][1], runs[0][0], atol=ATOL, rtol=RTOL)
+
+
+def test_plain_causal_only_for_prompts_from_the_start(tiny_phi3):
+    ours = load_causal_lm(tiny_phi3, load_config(tiny_phi3), torch.float32)  # sliding window 16
+    assert ours.plain_causal(torch.arange(10).expand(2, 10))
+    assert not ours.plain_causal(torch.arange(3, 13).expand(1, 10))  # a continuation
+    assert not ours.plain_causal(torch.tensor([[0, 1, 2], [1, 2, 3]]))  # one row not from 0
+    assert not ours.plain_causal(torch.tensor([[0]]))  # decode keeps the mask
+    assert not ours.plain_causal(torch.arange(17)[None])  # past the window

